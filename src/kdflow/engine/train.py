@@ -1,0 +1,329 @@
+"""The training engine: one loop for every recipe, stage after stage.
+
+Per step: every node the stage needs runs once (frozen ones under inference mode), the flow
+sums supervision and transfers into one loss, one backward pass, one optimizer step per
+training node. Per epoch: every training node is evaluated on the test split, metrics are
+appended to `metrics.jsonl`, and `last.pt` (everything needed to resume) is written
+atomically, with `best-NODE.pt` when a node improves. A resumed run continues from `last.pt`
+and ends with the same weights and metrics as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from kdflow.checkpoint import load_safe, model_file, save_atomic
+from kdflow.data import ArrayDataset, load_dataset
+from kdflow.data.augment import augment_batch
+from kdflow.data.base import DatasetError
+from kdflow.data.loader import batches, num_batches, seeded_generator, subset, to_device
+from kdflow.engine.evaluate import evaluate, topk_correct
+from kdflow.engine.report import summarize, summary_table
+from kdflow.engine.rundir import append_jsonl, environment, read_jsonl, write_text_atomic
+from kdflow.engine.schedule import lr_factor
+from kdflow.flow.errors import RecipeError
+from kdflow.flow.graph import Flow
+from kdflow.flow.recipe import dump_recipe
+from kdflow.flow.spec import OptimSpec, Recipe, StageSpec
+from kdflow.models import count_parameters
+
+
+@dataclass
+class EpochEnd:
+    """What a callback sees after each epoch (after the checkpoint is written)."""
+
+    stage_index: int
+    stage: str
+    epoch: int  # 1-based, within the stage
+    records: list[dict]
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": json.dumps(np.random.get_state()[1].tolist()),
+        "numpy_pos": np.random.get_state()[2],
+        "python": json.dumps(random.getstate()[1]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", np.array(json.loads(state["numpy"]), dtype=np.uint32), state["numpy_pos"], 0, 0.0))
+    random.setstate((3, tuple(json.loads(state["python"])), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_data(recipe: Recipe) -> tuple[ArrayDataset, ArrayDataset]:
+    d = recipe.data
+    try:
+        train = load_dataset(d.name, "train", d.root, **d.options)
+        test = load_dataset(d.name, "test", d.root, **d.options)
+    except DatasetError as e:
+        raise RecipeError(f"data: {e}") from None
+    except TypeError as e:
+        raise RecipeError(f"data.options: {e}") from None
+    return subset(train, d.limit, recipe.seed), subset(test, d.test_limit, recipe.seed + 1)
+
+
+def node_optim(recipe: Recipe, node: str) -> OptimSpec:
+    base = recipe.train.optim.model_dump()
+    override = recipe.nodes[node].optim
+    if override is not None:
+        base.update({k: v for k, v in override.model_dump().items() if v is not None})
+    return OptimSpec(**base)
+
+
+def make_optimizers(flow: Flow, recipe: Recipe, stage: StageSpec) -> dict[str, torch.optim.SGD]:
+    optimizers = {}
+    for node in stage.train:
+        o = node_optim(recipe, node)
+        optimizers[node] = torch.optim.SGD(
+            flow.parameters_of(node), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov
+        )
+    return optimizers
+
+
+def save_node(flow: Flow, recipe: Recipe, node: str, ds: ArrayDataset, path: Path, **meta) -> None:
+    spec = recipe.nodes[node]
+    data = {"dataset": recipe.data.name, "root": recipe.data.root, "options": recipe.data.options}
+    sd = {k: v.detach().cpu() for k, v in flow.models[node].state_dict().items()}
+    save_atomic(model_file(spec.arch, spec.args, ds.num_classes, ds.input_shape, sd, node=node, data=data, **meta), path)
+
+
+class Progress:
+    """A tqdm bar over one epoch's steps with loss, accuracy and images per second; quiet when disabled."""
+
+    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+        self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr, disable=not enabled)
+        self.enabled = enabled
+
+    def update(self, steps: int, postfix: dict[str, str]) -> None:
+        if self.enabled:
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(steps)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def train_epoch(
+    flow: Flow,
+    recipe: Recipe,
+    stage: StageSpec,
+    stage_index: int,
+    epoch: int,
+    train_set: ArrayDataset,
+    optimizers: dict[str, torch.optim.SGD],
+    progress: bool,
+) -> dict:
+    """One pass over the training split; returns per-node training loss/accuracy and per-term means."""
+    bs = recipe.train.batch_size
+    steps = num_batches(len(train_set), bs, shuffled=True)
+    order_gen = seeded_generator(recipe.seed, stage_index, epoch, 0)
+    aug_gen = seeded_generator(recipe.seed, stage_index, epoch, 1)
+    aug = recipe.data.augment
+    base_lr = {n: node_optim(recipe, n).lr for n in stage.train}
+    device = train_set.x.device
+    sums = {"total": torch.zeros((), device=device)}
+    correct = {n: torch.zeros((), dtype=torch.long, device=device) for n in stage.train}
+    ce_sum = {n: torch.zeros((), device=device) for n in stage.train}
+    term_sums: dict[str, torch.Tensor] = {}
+    seen = 0
+    bar = Progress(steps, f"{stage.name} {epoch + 1}/{stage.epochs}", progress)
+    start = time.perf_counter()
+    last_update = 0
+    for step, (xb, yb, _) in enumerate(batches(train_set, bs, order_gen)):
+        factor = lr_factor(recipe.train.schedule, epoch + (step + 1) / steps, stage.epochs)
+        for node, opt in optimizers.items():
+            for group in opt.param_groups:
+                group["lr"] = base_lr[node] * factor
+        x = augment_batch(xb, train_set.mean, train_set.std, crop_padding=aug.crop_padding, flip=aug.flip, generator=aug_gen)
+        out = flow(x, yb, stage, epoch)
+        for opt in optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        out.total.backward()
+        for opt in optimizers.values():
+            opt.step()
+        n = yb.shape[0]
+        seen += n
+        with torch.no_grad():
+            sums["total"] += out.total.detach() * n
+            for node in stage.train:
+                correct[node] += topk_correct(out.logits[node].detach(), yb, 1)
+                ce_sum[node] += out.node_ce[node].detach() * n
+            for label, value in out.terms.items():
+                term_sums[label] = term_sums.get(label, 0) + value.detach() * n
+        if progress and (step + 1 - last_update >= 20 or step + 1 == steps):
+            rate = seen / max(time.perf_counter() - start, 1e-9)
+            postfix = {"loss": f"{sums['total'].item() / seen:.3f}"}
+            postfix.update({node: f"{100 * correct[node].item() / seen:.1f}%" for node in stage.train})
+            postfix["img/s"] = f"{rate:.0f}"
+            bar.update(step + 1 - last_update, postfix)
+            last_update = step + 1
+    bar.close()
+    elapsed = time.perf_counter() - start
+    return {
+        "seen": seen,
+        "elapsed": elapsed,
+        "total": sums["total"].item() / max(seen, 1),
+        "train_top1": {n: 100.0 * correct[n].item() / max(seen, 1) for n in stage.train},
+        "train_ce": {n: ce_sum[n].item() / max(seen, 1) for n in stage.train},
+        "terms": {k: float(v.item()) / max(seen, 1) for k, v in term_sums.items()},
+        "lr": {n: optimizers[n].param_groups[0]["lr"] for n in stage.train},
+    }
+
+
+def _check_resumable(out: Path, recipe: Recipe, resume: bool) -> None:
+    last = out / "last.pt"
+    if resume and not last.exists():
+        raise RecipeError(f"--resume: {out} holds no last.pt to resume from")
+    if not resume and last.exists():
+        raise RecipeError(f"--out {out}: holds a run already; pass --resume to continue it, or choose another --out")
+    if resume and (out / "recipe.yaml").exists() and (out / "recipe.yaml").read_text() != dump_recipe(recipe):
+        raise RecipeError(f"--resume: the recipe differs from {out / 'recipe.yaml'}; resume with the run's own recipe")
+
+
+def train(
+    recipe: Recipe,
+    out_dir: str | Path,
+    resume: bool = False,
+    progress: bool | None = None,
+    callbacks: list[Callable[[EpochEnd], None]] = (),
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run `recipe` into `out_dir`; returns the summary (per node: params, best and last top-1)."""
+    out = Path(out_dir)
+    _check_resumable(out, recipe, resume)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    seed_everything(recipe.seed)
+    device = pick_device(recipe.device)
+    train_set, test_set = load_data(recipe)
+    sample = augment_batch(test_set.x[:2], test_set.mean, test_set.std)
+    flow = Flow(recipe, train_set.num_classes, train_set.input_shape, sample).to(device)
+    train_set, test_set = to_device(train_set, device), to_device(test_set, device)
+    stages = flow.stages
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "recipe.yaml", dump_recipe(recipe))
+    env = environment(device, recipe.seed)
+    env_path = out / "environment.json"
+    history = json.loads(env_path.read_text()).get("history", []) if resume and env_path.exists() else []
+    write_text_atomic(env_path, json.dumps({**env, "history": history + [env["started"]]}, indent=2))
+    metrics_path = out / "metrics.jsonl"
+
+    stage_index, start_epoch, best = 0, 0, {}
+    resumed = None
+    if resume:
+        resumed = load_safe(out / "last.pt")
+        flow.load_state_dict(resumed["flow"])
+        stage_index, start_epoch, best = resumed["stage_index"], resumed["epoch"], json.loads(resumed["best"])
+        set_rng_state(resumed["rng"])
+        done = [r for r in read_jsonl(metrics_path) if (r["stage_index"], r["epoch"]) <= (stage_index, start_epoch)]
+        write_text_atomic(metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in done))
+        log(f"resuming {out} at stage {stages[stage_index].name!r}, epoch {start_epoch + 1}")
+    elif metrics_path.exists():
+        metrics_path.unlink()
+
+    for si in range(stage_index, len(stages)):
+        stage = stages[si]
+        flow.set_stage_modes(stage)
+        optimizers = make_optimizers(flow, recipe, stage)
+        first = start_epoch if si == stage_index else 0
+        if resumed is not None and si == stage_index and first > 0:
+            for node, opt in optimizers.items():
+                opt.load_state_dict(resumed["optimizers"][node])
+        if first == 0 and stage.epochs:
+            log(f"stage {stage.name!r}: training {', '.join(stage.train)} for {stage.epochs} epochs")
+        for epoch in range(first, stage.epochs):
+            stats = train_epoch(flow, recipe, stage, si, epoch, train_set, optimizers, progress)
+            records = []
+            for node in stage.train:
+                ev = evaluate(flow.models[node], test_set, recipe.train.eval_batch_size)
+                key = f"{si}:{node}"
+                improved = key not in best or ev["test_top1"] > best[key]["top1"]
+                if improved:
+                    best[key] = {"top1": ev["test_top1"], "epoch": epoch + 1}
+                    save_node(flow, recipe, node, train_set, out / f"best-{node}.pt", epoch=epoch + 1, stage=stage.name, **ev)
+                records.append(
+                    {
+                        "stage": stage.name,
+                        "stage_index": si,
+                        "epoch": epoch + 1,
+                        "node": node,
+                        "lr": stats["lr"][node],
+                        "train_loss": stats["train_ce"][node],
+                        "train_top1": stats["train_top1"][node],
+                        **ev,
+                        "best_top1": best[key]["top1"],
+                        "total_loss": stats["total"],
+                        "terms": {k: v for k, v in stats["terms"].items() if f"> {node}." in k or k == f"ce({node})"},
+                        "time_s": stats["elapsed"],
+                        "images_per_sec": stats["seen"] / max(stats["elapsed"], 1e-9),
+                    }
+                )
+            flow.set_stage_modes(stage)  # evaluation switched the nodes to eval mode
+            for r in records:
+                append_jsonl(metrics_path, r)
+            save_atomic(
+                {
+                    "flow": flow.state_dict(),
+                    "optimizers": {n: o.state_dict() for n, o in optimizers.items()},
+                    "stage_index": si,
+                    "epoch": epoch + 1,
+                    "best": json.dumps(best),
+                    "rng": rng_state(),
+                },
+                out / "last.pt",
+            )
+            nodes_text = " | ".join(
+                f"{r['node']}: loss {r['train_loss']:.3f} train {r['train_top1']:.2f} test {r['test_top1']:.2f}" for r in records
+            )
+            log(
+                f"[{stage.name}] epoch {epoch + 1}/{stage.epochs}  {nodes_text}  "
+                f"({records[0]['images_per_sec']:.0f} img/s, {stats['elapsed']:.1f}s)"
+            )
+            for cb in callbacks:
+                cb(EpochEnd(si, stage.name, epoch + 1, records))
+        for node in stage.train:
+            save_node(flow, recipe, node, train_set, out / "nodes" / f"{node}.pt", stage=stage.name)
+        if stage is not stages[-1]:
+            # the next stage starts from here; a resume after this point must not replay this stage
+            save_atomic(
+                {"flow": flow.state_dict(), "optimizers": {}, "stage_index": si + 1, "epoch": 0, "best": json.dumps(best), "rng": rng_state()},
+                out / "last.pt",
+            )
+
+    params = {n: count_parameters(m) for n, m in flow.models.items()}
+    summary = summarize(recipe, read_jsonl(metrics_path), params)
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    table = summary_table(summary)
+    write_text_atomic(out / "summary.md", table + "\n")
+    log("\n" + table)
+    return summary

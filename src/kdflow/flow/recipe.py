@@ -1,0 +1,79 @@
+"""Loading a recipe: YAML (or a dict), `--set` overrides, method expansion, validation."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from kdflow.flow.errors import RecipeError
+from kdflow.flow.spec import Recipe
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'train.epochs=1' -> (['train', 'epochs'], 1); the value is read as YAML."""
+    if "=" not in item:
+        raise RecipeError(f"--set {item!r}: expected KEY.PATH=VALUE")
+    key, value = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise RecipeError(f"--set {item!r}: empty key")
+    return path, yaml.safe_load(value) if value.strip() else None
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        path, value = parse_override(item)
+        cursor = raw
+        for i, key in enumerate(path[:-1]):
+            nxt = cursor.get(key)
+            if nxt is None:
+                nxt = cursor[key] = {}
+            if not isinstance(nxt, dict):
+                raise RecipeError(f"--set {item!r}: {'.'.join(path[: i + 1])} is not a mapping")
+            cursor = nxt
+        cursor[path[-1]] = value
+    return raw
+
+
+def _format(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
+        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def resolve(raw: dict, source: str = "recipe") -> Recipe:
+    """Expand methods into the graph and validate; any fault is one RecipeError line naming the place."""
+    from kdflow.methods import expand_methods
+
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: a recipe is a mapping, got {type(raw).__name__}")
+    try:
+        expanded = expand_methods(raw)
+    except RecipeError as e:
+        raise RecipeError(f"{source}: {e}") from None
+    try:
+        return Recipe.model_validate(expanded)
+    except ValidationError as e:
+        raise RecipeError(f"{source}: {_format(e)}") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    return resolve(apply_overrides(raw, overrides or []), str(path))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json", by_alias=True, exclude_defaults=False), sort_keys=False)

@@ -1,0 +1,232 @@
+"""The recipe schema: what a run is, validated before anything starts.
+
+A recipe names the data, the nodes (models with roles), the supervision of each trainable
+node, the transfers between taps, the stages, and the optimisation settings. Methods
+(`kdflow.methods`) fill in nodes' roles, supervision and transfers with a paper's defaults.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from kdflow.flow.criteria import CRITERIA
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class WeightSchedule(Strict):
+    """A loss weight over epochs (0-based within the stage): linear warm-up, then steps."""
+
+    value: float
+    warmup_epochs: int = Field(0, ge=0)  # value · min((epoch + 1) / warmup_epochs, 1)
+    milestones: list[int] = []  # value · gamma^(number of milestones ≤ epoch)
+    gamma: float = 0.1
+
+    def at(self, epoch: int) -> float:
+        w = self.value
+        if self.warmup_epochs:
+            w *= min((epoch + 1) / self.warmup_epochs, 1.0)
+        return w * self.gamma ** sum(epoch >= m for m in self.milestones)
+
+
+Weight = float | WeightSchedule
+
+
+def weight_at(weight: Weight, epoch: int) -> float:
+    return weight.at(epoch) if isinstance(weight, WeightSchedule) else float(weight)
+
+
+class OptimSpec(Strict):
+    """SGD settings; a node's `optim` overrides the fields it names."""
+
+    lr: float = Field(0.05, gt=0)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+
+
+class NodeOptim(Strict):
+    lr: float | None = None
+    momentum: float | None = None
+    weight_decay: float | None = None
+    nesterov: bool | None = None
+
+
+class NodeSpec(Strict):
+    arch: str
+    role: Literal["frozen", "trainable"] = "trainable"
+    checkpoint: str | None = None
+    args: dict[str, Any] = {}
+    init_seed: int | None = None  # two nodes with the same arch and init_seed start equal
+    optim: NodeOptim | None = None
+
+
+class FuseSpec(Strict):
+    """Several source taps combined into one: the mean, or a weighted sum with `weights`."""
+
+    fuse: list[str] = Field(min_length=1)
+    weights: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> "FuseSpec":
+        if self.weights is not None and len(self.weights) != len(self.fuse):
+            raise ValueError(f"fuse has {len(self.fuse)} sources but {len(self.weights)} weights")
+        return self
+
+
+class ConnectorSpec(Strict):
+    kind: Literal["linear", "conv1x1", "conv3x3"]
+
+
+class TransferSpec(Strict):
+    """An edge: source tap(s) → target tap through a criterion. Unknown keys are criterion parameters."""
+
+    source: str | FuseSpec = Field(alias="from")
+    to: str
+    criterion: str
+    weight: Weight = 1.0
+    params: dict[str, Any] = {}
+    connector: ConnectorSpec | None = None
+    detach: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _collect_params(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        known = {"from", "source", "to", "criterion", "weight", "params", "connector", "detach"}
+        extra = {k: v for k, v in data.items() if k not in known}
+        if not extra:
+            return data
+        data = {k: v for k, v in data.items() if k in known}
+        data["params"] = {**data.get("params", {}), **extra}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _connector_shorthand(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("connector"), str):
+            data = {**data, "connector": {"kind": data["connector"]}}
+        return data
+
+    @model_validator(mode="after")
+    def _criterion_known(self) -> "TransferSpec":
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"unknown criterion {self.criterion!r}; known: {', '.join(sorted(CRITERIA))}")
+        allowed = CRITERIA[self.criterion].params
+        for key in self.params:
+            if key not in allowed:
+                raise ValueError(
+                    f"unknown field {key!r}: criterion {self.criterion!r} takes {', '.join(allowed) or 'no parameters'}"
+                )
+        return self
+
+    @property
+    def sources(self) -> list[str]:
+        return self.source.fuse if isinstance(self.source, FuseSpec) else [self.source]
+
+
+class StageSpec(Strict):
+    name: str
+    train: list[str] | None = None  # default: every node whose role is trainable
+    epochs: int | None = Field(None, ge=0)  # default: train.epochs
+
+
+class ScheduleSpec(Strict):
+    kind: Literal["multistep", "cosine", "constant"] = "multistep"
+    milestones: list[int] = []  # epochs at which lr is multiplied by gamma (multistep)
+    gamma: float = 0.1
+    warmup_epochs: int = Field(0, ge=0)  # linear warm-up per iteration from lr/steps
+
+
+class TrainSpec(Strict):
+    epochs: int = Field(10, ge=0)
+    batch_size: int = Field(128, gt=0)
+    eval_batch_size: int = Field(1000, gt=0)
+    optim: OptimSpec = OptimSpec()
+    schedule: ScheduleSpec = ScheduleSpec()
+
+
+class AugmentSpec(Strict):
+    crop_padding: int = Field(0, ge=0)
+    flip: bool = False
+
+
+class DataSpec(Strict):
+    name: str
+    root: str | None = None
+    limit: int | None = Field(None, gt=0)  # a seeded random subset of the training split
+    test_limit: int | None = Field(None, gt=0)
+    options: dict[str, Any] = {}
+    augment: AugmentSpec = AugmentSpec()
+
+
+class Recipe(Strict):
+    name: str = "run"
+    description: str = ""
+    seed: int = 0
+    device: str = "auto"
+    data: DataSpec
+    nodes: dict[str, NodeSpec] = Field(min_length=1)
+    supervise: dict[str, Weight] = {}
+    transfers: list[TransferSpec] = []
+    stages: list[StageSpec] = []
+    train: TrainSpec = TrainSpec()
+
+    @model_validator(mode="after")
+    def _references(self) -> "Recipe":
+        names = set(self.nodes)
+
+        def node_of(tap: str, where: str) -> str:
+            node = tap.split(".", 1)[0]
+            if "." not in tap or node not in names:
+                raise ValueError(f"{where}: tap {tap!r} must be NODE.TAP with NODE one of {', '.join(sorted(names))}")
+            return node
+
+        for node in self.supervise:
+            if node not in names:
+                raise ValueError(f"supervise.{node}: no such node (nodes: {', '.join(sorted(names))})")
+        for i, t in enumerate(self.transfers):
+            node_of(t.to, f"transfers.{i}.to")
+            for s in t.sources:
+                node_of(s, f"transfers.{i}.from")
+        for i, stage in enumerate(self.stages):
+            for node in stage.train or []:
+                if node not in names:
+                    raise ValueError(f"stages.{i}.train: no such node {node!r} (nodes: {', '.join(sorted(names))})")
+        trained: set[str] = set()
+        for stage in self.resolved_stages():
+            for name, node in self.nodes.items():
+                unready = name not in stage.train and name not in trained and node.checkpoint is None
+                if unready and (node.role == "frozen" or self.is_used(name, stage)):
+                    raise ValueError(
+                        f"nodes.{name}: frozen in stage {stage.name!r} but has no checkpoint and no earlier stage trains it"
+                    )
+            trained.update(stage.train)
+        return self
+
+    def resolved_stages(self) -> list[StageSpec]:
+        """Stages with `train` and `epochs` filled in; one stage training every trainable node by default."""
+        stages = self.stages or [StageSpec(name="main")]
+        default_train = [n for n, node in self.nodes.items() if node.role == "trainable"]
+        return [
+            StageSpec(
+                name=s.name,
+                train=list(s.train) if s.train is not None else default_train,
+                epochs=s.epochs if s.epochs is not None else self.train.epochs,
+            )
+            for s in stages
+        ]
+
+    def active_transfers(self, stage: StageSpec) -> list[tuple[int, TransferSpec]]:
+        """Transfers whose target node trains in `stage`."""
+        return [(i, t) for i, t in enumerate(self.transfers) if t.to.split(".", 1)[0] in (stage.train or [])]
+
+    def is_used(self, node: str, stage: StageSpec) -> bool:
+        """A node runs in a stage if it trains there or feeds an active transfer."""
+        if node in (stage.train or []):
+            return True
+        return any(s.split(".", 1)[0] == node for _, t in self.active_transfers(stage) for s in t.sources)

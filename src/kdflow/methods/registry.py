@@ -1,0 +1,83 @@
+"""The method registry: a method is a function returning a flow graph with a paper's defaults.
+
+The graph is plain data in the recipe's shape: ``{"nodes": {name: {"role": ...}},
+"supervise": {...}, "transfers": [...]}``. A recipe names methods under ``method:`` and
+supplies the architectures; its own fields override the method's.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from kdflow.flow.errors import RecipeError
+
+Graph = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    fn: Callable[..., Graph]
+    citation: str
+    knowledge: str  # logits, features, relations, or none
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, citation: str, knowledge: str) -> Callable[[Callable[..., Graph]], Callable[..., Graph]]:
+    def wrap(fn: Callable[..., Graph]) -> Callable[..., Graph]:
+        METHODS[name] = Method(name, fn, citation, knowledge)
+        return fn
+
+    return wrap
+
+
+def method_graph(name: str, **args: Any) -> Graph:
+    """The graph of method `name` with its defaults, overridden by `args`."""
+    if name not in METHODS:
+        raise RecipeError(f"method: unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
+    fn = METHODS[name].fn
+    accepted = inspect.signature(fn).parameters
+    for key in args:
+        if key not in accepted:
+            raise RecipeError(f"method.{name}: unknown field {key!r}; {name} takes {', '.join(accepted)}")
+    return fn(**args)
+
+
+def _method_entries(spec: Any) -> list[tuple[str, dict]]:
+    items = spec if isinstance(spec, list) else [spec]
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            out.append((item, {}))
+        elif isinstance(item, dict) and isinstance(item.get("name"), str):
+            out.append((item["name"], {k: v for k, v in item.items() if k != "name"}))
+        else:
+            raise RecipeError(f"method: expected a name or {{name: ..., args...}}, got {item!r}")
+    return out
+
+
+def expand_methods(raw: dict) -> dict:
+    """Merge the graphs of the recipe's `method:` entries into the recipe (recipe fields win)."""
+    if "method" not in raw:
+        return raw
+    raw = copy.deepcopy(raw)
+    nodes: dict[str, dict] = {}
+    supervise: dict[str, Any] = {}
+    transfers: list[dict] = []
+    for name, args in _method_entries(raw.pop("method")):
+        graph = method_graph(name, **args)
+        for node, fields in graph.get("nodes", {}).items():
+            nodes.setdefault(node, {}).update(fields)
+        for node, weight in graph.get("supervise", {}).items():
+            supervise.setdefault(node, weight)  # the first method sets a node's CE weight
+        transfers += graph.get("transfers", [])
+    for node, fields in (raw.get("nodes") or {}).items():
+        nodes.setdefault(node, {}).update(fields or {})
+    raw["nodes"] = nodes
+    raw["supervise"] = {**supervise, **(raw.get("supervise") or {})}
+    raw["transfers"] = transfers + list(raw.get("transfers") or [])
+    return raw

@@ -1,0 +1,97 @@
+"""Small models for 28×28 images and 1-D signals: the demo's teacher and students.
+
+Every model names its parts the same way, so taps are stable:
+``stem``, ``stage1``..``stageN`` (each stage ends in its ReLU), ``pool`` and ``fc``.
+The pooled embedding is the input of ``fc``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from kdflow.models.registry import register_model
+
+
+def _conv_bn_relu(cin: int, cout: int, dims: int) -> list[nn.Module]:
+    conv = nn.Conv2d if dims == 2 else nn.Conv1d
+    bn = nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d
+    return [conv(cin, cout, 3, padding=1, bias=False), bn(cout), nn.ReLU(inplace=True)]
+
+
+class ConvNet(nn.Module):
+    """A plain VGG-style CNN: a stem, stages of two conv-BN-ReLU with pooling between, global pool, linear head.
+
+    Works for images (C×H×W) and signals (C×L); `widths` gives the channels of the stem and of each stage.
+    """
+
+    def __init__(self, num_classes: int, input_shape: tuple[int, ...], widths: tuple[int, ...]) -> None:
+        super().__init__()
+        dims = len(input_shape) - 1
+        if dims not in (1, 2):
+            raise ValueError(f"ConvNet takes C×H×W or C×L inputs, got shape {input_shape}")
+        pool = nn.MaxPool2d if dims == 2 else nn.MaxPool1d
+        self.stem = nn.Sequential(*_conv_bn_relu(input_shape[0], widths[0], dims))
+        stages = []
+        cin = widths[0]
+        for i, w in enumerate(widths[1:]):
+            layers: list[nn.Module] = [pool(2)] if i > 0 else []
+            layers += _conv_bn_relu(cin, w, dims) + _conv_bn_relu(w, w, dims)
+            stages.append(nn.Sequential(*layers))
+            cin = w
+        self.stages = len(stages)
+        for i, stage in enumerate(stages, start=1):
+            self.add_module(f"stage{i}", stage)
+        self.pool = nn.AdaptiveAvgPool2d(1) if dims == 2 else nn.AdaptiveAvgPool1d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for i in range(1, self.stages + 1):
+            x = getattr(self, f"stage{i}")(x)
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class MLP(nn.Module):
+    """A multilayer perceptron on the flattened input: ``stage1``..``stageN`` are Linear-ReLU blocks."""
+
+    def __init__(self, num_classes: int, input_shape: tuple[int, ...], hidden: tuple[int, ...]) -> None:
+        super().__init__()
+        cin = 1
+        for d in input_shape:
+            cin *= d
+        self.stem = nn.Flatten()
+        for i, h in enumerate(hidden, start=1):
+            self.add_module(f"stage{i}", nn.Sequential(nn.Linear(cin, h), nn.ReLU(inplace=True)))
+            cin = h
+        self.stages = len(hidden)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for i in range(1, self.stages + 1):
+            x = getattr(self, f"stage{i}")(x)
+        return self.fc(x)
+
+
+@register_model("convnet_l")
+def convnet_l(num_classes: int, input_shape: tuple[int, ...], width: int = 32) -> ConvNet:
+    """Teacher-sized CNN: stem `width`, stages 2·width, 4·width, 8·width (about 1.2M parameters at width 32, 2-D)."""
+    return ConvNet(num_classes, input_shape, (width, 2 * width, 4 * width, 8 * width))
+
+
+@register_model("convnet_m")
+def convnet_m(num_classes: int, input_shape: tuple[int, ...], width: int = 16) -> ConvNet:
+    """Medium CNN: stem `width`, stages 2·width, 4·width."""
+    return ConvNet(num_classes, input_shape, (width, 2 * width, 4 * width))
+
+
+@register_model("convnet_s")
+def convnet_s(num_classes: int, input_shape: tuple[int, ...], width: int = 8) -> ConvNet:
+    """Student-sized CNN: stem `width`, stages `width`, 2·width (a few thousand parameters at width 8)."""
+    return ConvNet(num_classes, input_shape, (width, width, 2 * width))
+
+
+@register_model("mlp")
+def mlp(num_classes: int, input_shape: tuple[int, ...], hidden: tuple[int, ...] = (100,)) -> MLP:
+    """MLP student: one hidden layer of 100 units by default."""
+    return MLP(num_classes, input_shape, tuple(hidden))

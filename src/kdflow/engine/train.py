@@ -164,6 +164,8 @@ def train_epoch(
             for group in opt.param_groups:
                 group["lr"] = base_lr[node] * factor
         x = augment_batch(xb, train_set.mean, train_set.std, crop_padding=aug.crop_padding, flip=aug.flip, generator=aug_gen)
+        if recipe.train.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         out = flow(x, yb, stage, epoch)
         for opt in optimizers.values():
             opt.zero_grad(set_to_none=True)
@@ -227,6 +229,8 @@ def train(
     train_set, test_set = load_data(recipe)
     sample = augment_batch(test_set.x[:2], test_set.mean, test_set.std)
     flow = Flow(recipe, train_set.num_classes, train_set.input_shape, sample).to(device)
+    if recipe.train.channels_last and sample.dim() == 4:
+        flow = flow.to(memory_format=torch.channels_last)
     train_set, test_set = to_device(train_set, device), to_device(test_set, device)
     stages = flow.stages
 

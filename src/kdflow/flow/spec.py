@@ -148,6 +148,7 @@ class TrainSpec(Strict):
     eval_batch_size: int = Field(1000, gt=0)
     optim: OptimSpec = OptimSpec()
     schedule: ScheduleSpec = ScheduleSpec()
+    channels_last: bool = False  # NHWC memory format for image models; faster for convolutions on some CPUs
 
 
 class AugmentSpec(Strict):

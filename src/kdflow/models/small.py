@@ -2,6 +2,7 @@
 
 Every model names its parts the same way, so taps are stable:
 ``stem``, ``stage1``..``stageN`` (each stage ends in its ReLU), ``pool`` and ``fc``.
+Channel widths are multiples of 8, which the CPU convolution kernels prefer.
 The pooled embedding is the input of ``fc``.
 """
 from __future__ import annotations
@@ -19,28 +20,27 @@ def _conv_bn_relu(cin: int, cout: int, dims: int) -> list[nn.Module]:
 
 
 class ConvNet(nn.Module):
-    """A plain VGG-style CNN: a stem, stages of two conv-BN-ReLU with pooling between, global pool, linear head.
+    """A plain VGG-style CNN: a conv stem at full resolution, then stages that each halve the
+    resolution (max-pool) and apply `depth` conv-BN-ReLU blocks; global average pool; linear head.
 
     Works for images (C×H×W) and signals (C×L); `widths` gives the channels of the stem and of each stage.
     """
 
-    def __init__(self, num_classes: int, input_shape: tuple[int, ...], widths: tuple[int, ...]) -> None:
+    def __init__(self, num_classes: int, input_shape: tuple[int, ...], widths: tuple[int, ...], depth: int = 1) -> None:
         super().__init__()
         dims = len(input_shape) - 1
         if dims not in (1, 2):
             raise ValueError(f"ConvNet takes C×H×W or C×L inputs, got shape {input_shape}")
         pool = nn.MaxPool2d if dims == 2 else nn.MaxPool1d
         self.stem = nn.Sequential(*_conv_bn_relu(input_shape[0], widths[0], dims))
-        stages = []
         cin = widths[0]
-        for i, w in enumerate(widths[1:]):
-            layers: list[nn.Module] = [pool(2)] if i > 0 else []
-            layers += _conv_bn_relu(cin, w, dims) + _conv_bn_relu(w, w, dims)
-            stages.append(nn.Sequential(*layers))
-            cin = w
-        self.stages = len(stages)
-        for i, stage in enumerate(stages, start=1):
-            self.add_module(f"stage{i}", stage)
+        for i, w in enumerate(widths[1:], start=1):
+            layers: list[nn.Module] = [pool(2)]
+            for _ in range(depth):
+                layers += _conv_bn_relu(cin, w, dims)
+                cin = w
+            self.add_module(f"stage{i}", nn.Sequential(*layers))
+        self.stages = len(widths) - 1
         self.pool = nn.AdaptiveAvgPool2d(1) if dims == 2 else nn.AdaptiveAvgPool1d(1)
         self.fc = nn.Linear(cin, num_classes)
 
@@ -74,24 +74,24 @@ class MLP(nn.Module):
 
 
 @register_model("convnet_l")
-def convnet_l(num_classes: int, input_shape: tuple[int, ...], width: int = 32) -> ConvNet:
-    """Teacher-sized CNN: stem `width`, stages 2·width, 4·width, 8·width (about 1.2M parameters at width 32, 2-D)."""
-    return ConvNet(num_classes, input_shape, (width, 2 * width, 4 * width, 8 * width))
+def convnet_l(num_classes: int, input_shape: tuple[int, ...], width: int = 32, depth: int = 1) -> ConvNet:
+    """Teacher-sized CNN: stem `width`, three stages of 2, 4 and 8·width (391k parameters on 28×28 at width 32)."""
+    return ConvNet(num_classes, input_shape, (width, 2 * width, 4 * width, 8 * width), depth)
 
 
 @register_model("convnet_m")
-def convnet_m(num_classes: int, input_shape: tuple[int, ...], width: int = 16) -> ConvNet:
-    """Medium CNN: stem `width`, stages 2·width, 4·width."""
-    return ConvNet(num_classes, input_shape, (width, 2 * width, 4 * width))
+def convnet_m(num_classes: int, input_shape: tuple[int, ...], width: int = 16, depth: int = 1) -> ConvNet:
+    """Medium CNN: stem `width`, three stages of 2, 4 and 8·width (98k parameters on 28×28 at width 16)."""
+    return ConvNet(num_classes, input_shape, (width, 2 * width, 4 * width, 8 * width), depth)
 
 
 @register_model("convnet_s")
-def convnet_s(num_classes: int, input_shape: tuple[int, ...], width: int = 8) -> ConvNet:
-    """Student-sized CNN: stem `width`, stages `width`, 2·width (a few thousand parameters at width 8)."""
-    return ConvNet(num_classes, input_shape, (width, width, 2 * width))
+def convnet_s(num_classes: int, input_shape: tuple[int, ...], width: int = 8, depth: int = 1) -> ConvNet:
+    """Student-sized CNN: stem `width`, two stages of 2 and 4·width (6k parameters on 28×28 at width 8)."""
+    return ConvNet(num_classes, input_shape, (width, 2 * width, 4 * width), depth)
 
 
 @register_model("mlp")
 def mlp(num_classes: int, input_shape: tuple[int, ...], hidden: tuple[int, ...] = (100,)) -> MLP:
-    """MLP student: one hidden layer of 100 units by default."""
+    """MLP student on the flattened input: one hidden layer of 100 units by default."""
     return MLP(num_classes, input_shape, tuple(hidden))

@@ -3,6 +3,8 @@
 Tap names: ``logits`` (the model's output), ``embedding`` (the input of the model's last
 nn.Linear, i.e. the pooled penultimate features), a dotted module name (``stage2``,
 ``features.12``: that module's output), or ``NAME:input`` (that module's first input).
+A model may publish stable tap names in a ``tap_names`` dict attribute (alias -> dotted module
+name, e.g. ``{"stage3_pre": "layer3.4.preact"}``); an alias resolves before module names.
 """
 from __future__ import annotations
 
@@ -33,9 +35,11 @@ def resolve_module(model: nn.Module, node: str, tap: str) -> tuple[str, bool]:
     name, _, kind = tap.partition(":")
     if kind not in ("", "input"):
         raise RecipeError(f"tap {node}.{tap}: suffix must be ':input', not ':{kind}'")
+    aliases: dict[str, str] = getattr(model, "tap_names", {})
+    name = aliases.get(name, name)
     names = module_names(model)
     if name not in names:
-        near = difflib.get_close_matches(name, names + ["logits", "embedding"], n=5, cutoff=0.3)
+        near = difflib.get_close_matches(name, list(aliases) + names + ["logits", "embedding"], n=5, cutoff=0.3)
         hint = ", ".join(near) if near else ", ".join(names[:8])
         raise RecipeError(f"tap {node}.{tap}: no module {name!r} in {type(model).__name__}; nearest: {hint}")
     return name, kind == "input"
@@ -80,7 +84,8 @@ class TapRecorder:
             if not isinstance(value, torch.Tensor):
                 raise RecipeError(f"tap {self.node}.{tap}: the module's {'input' if capture_input else 'output'} is not a tensor")
             self.values[tap] = value
-            self.versions[tap] = value._version
+            if not value.is_inference():  # inference tensors have no version counter; the dry run checks them
+                self.versions[tap] = value._version
 
         return hook
 

@@ -79,5 +79,6 @@ def expand_methods(raw: dict) -> dict:
         nodes.setdefault(node, {}).update(fields or {})
     raw["nodes"] = nodes
     raw["supervise"] = {**supervise, **(raw.get("supervise") or {})}
-    raw["transfers"] = transfers + list(raw.get("transfers") or [])
+    # the recipe's own transfers first, so an error's index matches the recipe file
+    raw["transfers"] = list(raw.get("transfers") or []) + transfers
     return raw

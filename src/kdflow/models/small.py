@@ -52,16 +52,17 @@ class ConvNet(nn.Module):
 
 
 class MLP(nn.Module):
-    """A multilayer perceptron on the flattened input: ``stage1``..``stageN`` are Linear-ReLU blocks."""
+    """A multilayer perceptron on the flattened input: ``stage1``..``stageN`` are Linear-ReLU(-Dropout) blocks."""
 
-    def __init__(self, num_classes: int, input_shape: tuple[int, ...], hidden: tuple[int, ...]) -> None:
+    def __init__(self, num_classes: int, input_shape: tuple[int, ...], hidden: tuple[int, ...], dropout: float = 0.0) -> None:
         super().__init__()
         cin = 1
         for d in input_shape:
             cin *= d
         self.stem = nn.Flatten()
         for i, h in enumerate(hidden, start=1):
-            self.add_module(f"stage{i}", nn.Sequential(nn.Linear(cin, h), nn.ReLU(inplace=True)))
+            block = [nn.Linear(cin, h), nn.ReLU(inplace=True)] + ([nn.Dropout(dropout)] if dropout else [])
+            self.add_module(f"stage{i}", nn.Sequential(*block))
             cin = h
         self.stages = len(hidden)
         self.fc = nn.Linear(cin, num_classes)
@@ -92,6 +93,6 @@ def convnet_s(num_classes: int, input_shape: tuple[int, ...], width: int = 8, de
 
 
 @register_model("mlp")
-def mlp(num_classes: int, input_shape: tuple[int, ...], hidden: tuple[int, ...] = (100,)) -> MLP:
+def mlp(num_classes: int, input_shape: tuple[int, ...], hidden: tuple[int, ...] = (100,), dropout: float = 0.0) -> MLP:
     """MLP student on the flattened input: one hidden layer of 100 units by default."""
-    return MLP(num_classes, input_shape, tuple(hidden))
+    return MLP(num_classes, input_shape, tuple(hidden), dropout)

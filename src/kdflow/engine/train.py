@@ -28,7 +28,12 @@ from kdflow.data.base import DatasetError
 from kdflow.data.loader import batches, num_batches, seeded_generator, subset, to_device
 from kdflow.engine.evaluate import evaluate, topk_correct
 from kdflow.engine.report import summarize, summary_table
-from kdflow.engine.rundir import append_jsonl, environment, read_jsonl, write_text_atomic
+from kdflow.engine.rundir import (
+    append_jsonl,
+    environment,
+    read_jsonl,
+    write_text_atomic,
+)
 from kdflow.engine.schedule import lr_factor
 from kdflow.flow.errors import RecipeError
 from kdflow.flow.graph import Flow

@@ -258,7 +258,6 @@ def label_smoothing(student_logits: torch.Tensor, target: torch.Tensor, epsilon:
     part includes the true class). No temperature. Reduction: mean over the batch.
     """
     log_p = F.log_softmax(student_logits.float(), dim=1)
-    num_classes = log_p.shape[1]
     nll = -log_p.gather(1, target.long().unsqueeze(1)).squeeze(1)
     uniform = -log_p.mean(dim=1)
     return ((1.0 - epsilon) * nll + epsilon * uniform).mean()

@@ -1,0 +1,56 @@
+"""Writers of the published data formats (IDX gz, CIFAR python pickles) for tests."""
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+
+
+def write_idx(path: Path, array: np.ndarray, magic: int | None = None, compress: bool = True) -> None:
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    magic = (0x0800 | array.ndim) if magic is None else magic
+    blob = struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+    if compress:
+        with gzip.open(path, "wb") as f:
+            f.write(blob)
+    else:
+        path.write_bytes(blob)
+
+
+def make_idx_dir(root: Path, compress: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    splits = {}
+    for prefix, n in (("train", 6), ("t10k", 4)):
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=n, dtype=np.uint8)
+        suffix = ".gz" if compress else ""
+        write_idx(root / f"{prefix}-images-idx3-ubyte{suffix}", images, compress=compress)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte{suffix}", labels, compress=compress)
+        splits["train" if prefix == "train" else "test"] = (images, labels)
+    return splits
+
+
+def dump(path: Path, obj: object) -> None:
+    with open(path, "wb") as f:
+        pickle.dump(obj, f)
+
+
+def cifar_rows(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 3072), dtype=np.uint8)
+
+
+def make_cifar10(parent: Path) -> Path:
+    d = parent / "cifar-10-batches-py"
+    d.mkdir()
+    for i in range(1, 6):
+        rows = cifar_rows(2, i)
+        if i == 1:
+            rows[0, 1024 + 1] = 201  # channel G (plane 1), row 0, col 1
+            rows[0, 2048 + 32 * 2 + 3] = 77  # channel B, row 2, col 3
+        dump(d / f"data_batch_{i}", {b"data": rows, b"labels": [i, (i + 1) % 10], b"batch_label": b"x"})
+    dump(d / "test_batch", {b"data": cifar_rows(3, 9), b"labels": [7, 8, 9]})
+    dump(d / "batches.meta", {b"label_names": [b"c%d" % i for i in range(10)], b"num_vis": 3072})
+    return d

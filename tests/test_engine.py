@@ -1,0 +1,146 @@
+"""The engine: resume equals an uninterrupted run, the teacher never changes, the run directory is complete."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SYNTH
+
+from kdflow.checkpoint import load_safe, read_model_file, save_atomic
+from kdflow.engine import EpochEnd, train
+from kdflow.engine.rundir import read_jsonl
+from kdflow.engine.schedule import lr_factor
+from kdflow.flow import RecipeError, load_recipe, resolve
+from kdflow.flow.spec import ScheduleSpec
+
+QUIET = {"progress": False, "log": lambda s: None}
+TIMING = {"time_s", "images_per_sec"}
+
+
+def two_stage_raw() -> dict:
+    """Stage 1 trains a teacher (MLP with dropout: the global RNG matters); stage 2 distils two students."""
+    return {
+        "name": "two-stage",
+        "seed": 5,
+        "data": {**SYNTH, "augment": {"crop_padding": 1, "flip": True}},
+        "nodes": {
+            "teacher": {"arch": "mlp", "args": {"hidden": [32], "dropout": 0.3}},
+            "student": {"arch": "convnet_s", "init_seed": 1},
+            "student_kd": {"arch": "convnet_s", "init_seed": 1},
+        },
+        "method": {"name": "kd", "student": "student_kd"},
+        "supervise": {"teacher": 1.0, "student": 1.0},
+        "stages": [{"name": "teacher", "train": ["teacher"]}, {"name": "students", "train": ["student", "student_kd"]}],
+        "train": {"epochs": 3, "batch_size": 32, "optim": {"lr": 0.05}, "schedule": {"kind": "multistep", "milestones": [2], "warmup_epochs": 1}},
+    }
+
+
+class Stop(Exception):
+    pass
+
+
+def stop_at(stage_index: int, epoch: int):
+    def cb(info: EpochEnd) -> None:
+        if (info.stage_index, info.epoch) == (stage_index, epoch):
+            raise Stop
+
+    return cb
+
+
+def weights(run: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {p.stem: read_model_file(p)["state_dict"] for p in sorted((run / "nodes").glob("*.pt"))}
+
+
+def metrics(run: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in read_jsonl(run / "metrics.jsonl")]
+
+
+def test_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
+    recipe = resolve(two_stage_raw())
+    full = tmp_path / "full"
+    train(recipe, full, **QUIET)
+    cut = tmp_path / "cut"
+    with pytest.raises(Stop):  # stopped in the middle of the first stage ...
+        train(recipe, cut, callbacks=[stop_at(0, 2)], **QUIET)
+    with pytest.raises(Stop):  # ... and again in the middle of the second
+        train(recipe, cut, resume=True, callbacks=[stop_at(1, 1)], **QUIET)
+    train(recipe, cut, resume=True, **QUIET)
+    a, b = weights(full), weights(cut)
+    assert set(a) == {"teacher", "student", "student_kd"} == set(b)
+    for node in a:
+        for k in a[node]:
+            assert torch.equal(a[node][k], b[node][k]), f"{node}.{k}"
+    assert metrics(full) == metrics(cut)
+    assert len(metrics(full)) == 3 + 2 * 3
+    assert json.loads((full / "summary.json").read_text()) == json.loads((cut / "summary.json").read_text())
+
+
+def test_same_command_same_numbers_and_students_differ_only_by_kd(tmp_path: Path) -> None:
+    raw = two_stage_raw()
+    raw["train"]["epochs"] = 1
+    train(resolve(raw), tmp_path / "a", **QUIET)
+    train(resolve(raw), tmp_path / "b", **QUIET)
+    assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
+    # same init_seed, same batches: the two students start equal and diverge only through the KD term
+    w = weights(tmp_path / "a")
+    assert any(not torch.equal(w["student"][k], w["student_kd"][k]) for k in w["student"])
+    raw["nodes"]["student_kd"]["init_seed"] = 1
+    first = resolve(raw)
+    from kdflow.flow.graph import Flow
+
+    flow = Flow(first, 4, (1, 8, 8), torch.zeros(2, 1, 8, 8))
+    for k, v in flow.models["student"].state_dict().items():
+        assert torch.equal(v, flow.models["student_kd"].state_dict()[k])
+
+
+def test_frozen_teacher_never_changes(kd_raw: dict, teacher_ckpt: Path, tmp_path: Path) -> None:
+    before = read_model_file(teacher_ckpt)["state_dict"]
+    train(resolve(kd_raw), tmp_path / "run", **QUIET)
+    after = load_safe(tmp_path / "run" / "last.pt")["flow"]
+    for k, v in before.items():
+        assert torch.equal(after[f"models.teacher.{k}"], v), k  # weights and batch-norm statistics
+    assert [p.stem for p in (tmp_path / "run" / "nodes").glob("*.pt")] == ["student"]
+
+
+def test_run_directory_contents(kd_raw: dict, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    summary = train(resolve(kd_raw), run, **QUIET)
+    for name in ["recipe.yaml", "environment.json", "metrics.jsonl", "last.pt", "best-student.pt", "nodes/student.pt", "summary.md"]:
+        assert (run / name).exists(), name
+    assert not list(run.glob(".*.tmp"))
+    assert load_recipe(run / "recipe.yaml") == resolve(kd_raw)  # the resolved recipe reproduces the run
+    env = json.loads((run / "environment.json").read_text())
+    assert env["torch"] == torch.__version__ and env["seed"] == 3 and env["device"] == "cpu"
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert set(rows[0]["terms"]) == {"ce(student)", "kl(teacher.logits -> student.logits)"}
+    assert summary[0]["node"] == "student" and summary[0]["best_top1"] == max(r["test_top1"] for r in rows)
+    best = read_model_file(run / "best-student.pt")
+    assert best["test_top1"] == summary[0]["best_top1"] and best["arch"] == "mlp"
+    with pytest.raises(RecipeError, match="holds a run already; pass --resume"):
+        train(resolve(kd_raw), run, **QUIET)
+    with pytest.raises(RecipeError, match="holds no last.pt"):
+        train(resolve(kd_raw), tmp_path / "other", resume=True, **QUIET)
+    changed = copy.deepcopy(kd_raw)
+    changed["train"]["optim"]["lr"] = 0.5
+    with pytest.raises(RecipeError, match="the recipe differs"):
+        train(resolve(changed), run, resume=True, **QUIET)
+
+
+def test_save_atomic_keeps_old_file_on_failure(tmp_path: Path) -> None:
+    path = tmp_path / "c.pt"
+    save_atomic({"a": torch.ones(2)}, path)
+    with pytest.raises(Exception):
+        save_atomic({"a": lambda: 0}, path)  # cannot be pickled
+    assert torch.equal(load_safe(path)["a"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_lr_schedules() -> None:
+    multi = ScheduleSpec(kind="multistep", milestones=[2, 4], gamma=0.1, warmup_epochs=1)
+    assert [lr_factor(multi, e, 6) for e in [0.5, 1.0, 1.5, 2.0, 4.5]] == pytest.approx([0.5, 1.0, 1.0, 0.1, 0.01])
+    cos = ScheduleSpec(kind="cosine")
+    assert [lr_factor(cos, e, 4) for e in [0, 1, 2, 4]] == pytest.approx([1.0, 0.5 + 0.5 * 2**-0.5, 0.5, 0.0])

@@ -11,6 +11,6 @@ fi
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat .venv/.kdflow-installed 2>/dev/null)" != "$want" ]; then
   echo "setup: installing kdflow and its dependencies (torch==2.13.0, CPU build where available)"
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+  .venv/bin/python -m pip install -qq --disable-pip-version-check -e ".[test]"
   echo "$want" > .venv/.kdflow-installed
 fi

@@ -1,4 +1,26 @@
 """Distillation losses: plain functions of tensors, one file per knowledge family."""
+from kdflow.losses.contrastive import CRDLoss
+from kdflow.losses.feature_modules import (
+    ABF,
+    Paraphraser,
+    ReviewFusion,
+    Translator,
+    VIDLoss,
+)
+from kdflow.losses.features import (
+    ab,
+    at,
+    attention_map,
+    factor_transfer,
+    fsp,
+    fsp_matrix,
+    hcl,
+    hint,
+    match_spatial,
+    nst,
+    ofd,
+    ofd_margin,
+)
 from kdflow.losses.logits import (
     annealing_kd,
     annealing_temperature_index,
@@ -12,13 +34,31 @@ from kdflow.losses.logits import (
 from kdflow.losses.relations import cc, pkt, rkd, rkd_angle, rkd_distance, sp
 
 __all__ = [
+    "ABF",
+    "CRDLoss",
+    "Paraphraser",
+    "ReviewFusion",
+    "Translator",
+    "VIDLoss",
+    "ab",
     "annealing_kd",
     "annealing_temperature_index",
+    "at",
+    "attention_map",
     "cc",
     "dist",
     "dkd",
+    "factor_transfer",
+    "fsp",
+    "fsp_matrix",
+    "hcl",
+    "hint",
     "kd",
     "label_smoothing",
+    "match_spatial",
+    "nst",
+    "ofd",
+    "ofd_margin",
     "pkt",
     "rkd",
     "rkd_angle",

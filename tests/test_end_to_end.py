@@ -55,7 +55,7 @@ def test_methods_and_describe(capsys) -> None:
     assert "kd" in out and "Hinton" in out and "ce" in out
     out = run_cli(capsys, "describe", "kd")
     assert "teacher.logits -> student.logits  via kl  (temperature=4.0; weight 0.9; detached)" in out
-    assert "student    weight 0.1" in out
+    assert "student    ce, weight 0.1" in out
     out = run_cli(capsys, "describe", "kd", "--mermaid")
     assert out.startswith("flowchart LR") and 'labels -- "ce ×0.1" --> student' in out
     assert main(["describe", "nosuch"]) == 2

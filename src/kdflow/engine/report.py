@@ -12,9 +12,10 @@ def objective(recipe: Recipe, node: str) -> str:
     """A node's loss in words, e.g. '0.1·ce + 0.9·kl(teacher.logits)'."""
     parts = []
     if node in recipe.supervise:
-        parts.append(f"{_weight(recipe.supervise[node])}·ce")
+        sup = recipe.supervise[node]
+        parts.append(f"{_weight(sup.weight)}·{sup.loss}")
     for t in recipe.transfers:
-        if t.to.split(".", 1)[0] == node:
+        if t.target_node == node:
             parts.append(f"{_weight(t.weight)}·{t.criterion}({'+'.join(t.sources)})")
     return " + ".join(parts) or "-"
 

@@ -163,7 +163,7 @@ def train_epoch(
     bar = Progress(steps, f"{stage.name} {epoch + 1}/{stage.epochs}", progress)
     start = time.perf_counter()
     last_update = 0
-    for step, (xb, yb, _) in enumerate(batches(train_set, bs, order_gen)):
+    for step, (xb, yb, idx) in enumerate(batches(train_set, bs, order_gen)):
         factor = lr_factor(recipe.train.schedule, epoch + (step + 1) / steps, stage.epochs)
         for node, opt in optimizers.items():
             for group in opt.param_groups:
@@ -171,7 +171,7 @@ def train_epoch(
         x = augment_batch(xb, train_set.mean, train_set.std, crop_padding=aug.crop_padding, flip=aug.flip, generator=aug_gen)
         if recipe.train.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        out = flow(x, yb, stage, epoch)
+        out = flow(x, yb, stage, epoch, idx)
         for opt in optimizers.values():
             opt.zero_grad(set_to_none=True)
         out.total.backward()
@@ -233,7 +233,7 @@ def train(
     device = pick_device(recipe.device)
     train_set, test_set = load_data(recipe)
     sample = augment_batch(test_set.x[:2], test_set.mean, test_set.std)
-    flow = Flow(recipe, train_set.num_classes, train_set.input_shape, sample).to(device)
+    flow = Flow(recipe, train_set.num_classes, train_set.input_shape, sample, num_data=len(train_set)).to(device)
     if recipe.train.channels_last and sample.dim() == 4:
         flow = flow.to(memory_format=torch.channels_last)
     train_set, test_set = to_device(train_set, device), to_device(test_set, device)
@@ -292,7 +292,7 @@ def train(
                         **ev,
                         "best_top1": best[key]["top1"],
                         "total_loss": stats["total"],
-                        "terms": {k: v for k, v in stats["terms"].items() if f"> {node}." in k or k == f"ce({node})"},
+                        "terms": {k: v for k, v in stats["terms"].items() if f"> {node}." in k or k.endswith(f"({node})")},
                         "time_s": stats["elapsed"],
                         "images_per_sec": stats["seen"] / max(stats["elapsed"], 1e-9),
                     }

@@ -1,48 +1,92 @@
 """The criterion registry: the losses a transfer can name, and what each needs.
 
-A criterion is called as ``fn(target_tap, source_tap, **params)`` (student side first, the
-same order as the public losses), plus ``target=labels`` when it needs the labels.
+A plain criterion is called as ``fn(target_tap, source_tap, **params, **context)``: the
+student side first, the same order as the public losses in `kdflow.losses`. Context values
+are passed only to criteria whose signature names them:
+
+- ``target``: the batch's labels;
+- ``epoch`` / ``epochs``: the epoch (0-based) within the stage and the stage's length;
+- ``indices``: the batch's sample indices in the training set (CRD's memory bank);
+- ``stage``: the stage's name.
+
+A *module* criterion has trainable parameters or state (VID's variances, CRD's memory bank,
+ReviewKD's fusion): it is registered as a factory that builds an nn.Module from the tap
+shapes, ``factory(target_shape, source_shape, build, **params)``, where `build` (a
+`BuildInfo`) gives the number of training samples and the source and target models. The
+module belongs to the target node: it joins that node's optimizer and checkpoint.
+
+A *grouped* criterion takes lists of taps on both sides (``{group: [...]}``): FSP's pairs of
+stages, ReviewKD's stages.
 """
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
+import torch.nn as nn
 
-from kdflow import losses
+CONTEXT = ("target", "epoch", "epochs", "indices", "stage")
+FACTORY_ARGS = ("target_shape", "source_shape", "build")
+
+
+@dataclass(frozen=True)
+class BuildInfo:
+    """What a module criterion's factory may look at when it is built."""
+
+    num_data: int
+    source_model: nn.Module | None  # None when the source is fused from several nodes
+    target_model: nn.Module
+    source_module: str | None  # the dotted module name of the (first) source tap, if it is a module tap
+    target_module: str | None
 
 
 @dataclass(frozen=True)
 class Criterion:
     name: str
-    fn: Callable[..., torch.Tensor]
-    same_shape: bool = True  # target and source taps must have equal shapes (after the connector)
-    needs_labels: bool = False
-    params: tuple[str, ...] = field(default=())
+    fn: Callable[..., Any]
+    same_shape: bool
+    module: bool
+    grouped: bool
+    params: tuple[str, ...]  # what a recipe may set
+    context: tuple[str, ...]  # what the flow passes at call time
 
-    def call(self, target_tap: torch.Tensor, source_tap: torch.Tensor, labels: torch.Tensor, params: dict) -> torch.Tensor:
-        if self.needs_labels:
-            return self.fn(target_tap, source_tap, target=labels, **params)
-        return self.fn(target_tap, source_tap, **params)
+    def call(self, fn: Callable[..., torch.Tensor], target_tap: Any, source_tap: Any, params: dict, context: dict) -> torch.Tensor:
+        wanted = {k: v for k, v in context.items() if k in self.context}
+        return fn(target_tap, source_tap, **params, **wanted)
 
 
 CRITERIA: dict[str, Criterion] = {}
 
 
-def register_criterion(name: str, fn: Callable[..., torch.Tensor], *, same_shape: bool = True, needs_labels: bool = False) -> Criterion:
-    """Register `fn`; its keyword parameters after the two taps (and `target`) are what a transfer may set."""
-    sig = list(inspect.signature(fn).parameters.values())[2:]
-    params = tuple(p.name for p in sig if p.name != "target")
-    CRITERIA[name] = Criterion(name, fn, same_shape, needs_labels, params)
+def _keyword_names(fn: Callable[..., Any], skip: int) -> list[str]:
+    return [p.name for p in list(inspect.signature(fn).parameters.values())[skip:] if p.kind is not p.VAR_KEYWORD]
+
+
+def register_criterion(
+    name: str,
+    fn: Callable[..., Any],
+    *,
+    same_shape: bool = True,
+    module: bool = False,
+    grouped: bool = False,
+    context: tuple[str, ...] = (),
+) -> Criterion:
+    """Register a loss (or, with module=True, a factory of loss modules) under `name`.
+
+    A plain loss's parameters and context come from its signature; a module criterion's
+    parameters from the factory's signature, and its context (what its forward takes after the
+    two taps) is given here.
+    """
+    if module:
+        params = tuple(n for n in _keyword_names(fn, 0) if n not in FACTORY_ARGS)
+        unknown = set(context) - set(CONTEXT)
+        if unknown:
+            raise ValueError(f"criterion {name!r}: unknown context {sorted(unknown)}")
+    else:
+        names = _keyword_names(fn, 2)
+        params = tuple(n for n in names if n not in CONTEXT)
+        context = tuple(n for n in names if n in CONTEXT)
+    CRITERIA[name] = Criterion(name, fn, same_shape, module, grouped, params, context)
     return CRITERIA[name]
-
-
-def hint_mse(student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over all elements (FitNet's hint loss, Romero et al. 2015)."""
-    return torch.nn.functional.mse_loss(student_feature.float(), teacher_feature.float())
-
-
-register_criterion("kl", losses.kd)
-register_criterion("hint_mse", hint_mse)

@@ -14,10 +14,18 @@ import torch.nn.functional as F
 
 from kdflow.checkpoint import read_model_file
 from kdflow.flow.connectors import build_connector
-from kdflow.flow.criteria import CRITERIA
+from kdflow.flow.criteria import CRITERIA, BuildInfo
 from kdflow.flow.errors import RecipeError
-from kdflow.flow.spec import FuseSpec, Recipe, StageSpec, TransferSpec, weight_at
-from kdflow.flow.taps import TapRecorder
+from kdflow.flow.spec import (
+    FuseSpec,
+    GroupSpec,
+    Recipe,
+    StageSpec,
+    TransferSpec,
+    weight_at,
+)
+from kdflow.flow.supervision import SUPERVISION
+from kdflow.flow.taps import TapRecorder, resolve_module
 from kdflow.models import build_model
 
 
@@ -27,8 +35,7 @@ def split_tap(tap: str) -> tuple[str, str]:
 
 
 def transfer_label(t: TransferSpec) -> str:
-    src = "+".join(t.sources) if len(t.sources) > 1 else t.sources[0]
-    return f"{t.criterion}({src} -> {t.to})"
+    return f"{t.criterion}({'+'.join(t.sources)} -> {'+'.join(t.targets)})"
 
 
 @dataclass
@@ -68,8 +75,13 @@ def load_node_checkpoint(model: nn.Module, name: str, spec_arch: str, path: str)
 
 
 class Flow(nn.Module):
-    def __init__(self, recipe: Recipe, num_classes: int, input_shape: tuple[int, ...], sample: torch.Tensor) -> None:
-        """Build every node, hook its taps and check every transfer's shapes on `sample` (a small batch)."""
+    def __init__(
+        self, recipe: Recipe, num_classes: int, input_shape: tuple[int, ...], sample: torch.Tensor, num_data: int = 0
+    ) -> None:
+        """Build every node, hook its taps and check every transfer's shapes on `sample` (a small batch).
+
+        `num_data` is the size of the training split (criteria with a per-sample memory need it).
+        """
         super().__init__()
         self.recipe = recipe
         self.stages = recipe.resolved_stages()
@@ -80,12 +92,12 @@ class Flow(nn.Module):
                 load_node_checkpoint(self.models[name], name, recipe.nodes[name].arch, recipe.nodes[name].checkpoint)
         taps: dict[str, set[str]] = {name: {"logits"} for name in recipe.nodes}
         for t in recipe.transfers:
-            for tap in [t.to, *t.sources]:
+            for tap in [*t.targets, *t.sources]:
                 node, name = split_tap(tap)
                 taps[node].add(name)
         self.recorders: dict[str, TapRecorder] = {}
         for i, t in enumerate(recipe.transfers):
-            for where, tap in [(f"transfers.{i}.to", t.to)] + [(f"transfers.{i}.from", s) for s in t.sources]:
+            for where, tap in [(f"transfers.{i}.to", s) for s in t.targets] + [(f"transfers.{i}.from", s) for s in t.sources]:
                 node, name = split_tap(tap)
                 try:
                     TapRecorder(node, self.models[node], {name}).remove()
@@ -93,8 +105,9 @@ class Flow(nn.Module):
                     raise RecipeError(f"{where}: {e}") from None
         for node in recipe.nodes:
             self.recorders[node] = TapRecorder(node, self.models[node], taps[node])
-        self.connectors = nn.ModuleDict()
-        self.connector_owner: dict[str, str] = {}
+        self.connectors = nn.ModuleDict()  # by transfer index
+        self.criterion_modules = nn.ModuleDict()  # by transfer index
+        self.num_data = num_data
         self._check_shapes(sample)
 
     def _check_shapes(self, sample: torch.Tensor) -> None:
@@ -109,43 +122,71 @@ class Flow(nn.Module):
             m.train(was_training[n])
         for i, t in enumerate(self.recipe.transfers):
             where = f"transfers.{i}"
-            src_shapes = {s: shapes[s] for s in t.sources}
-            if len(set(src_shapes.values())) > 1:
-                listed = ", ".join(f"{s} {v}" for s, v in src_shapes.items())
+            crit = CRITERIA[t.criterion]
+            if isinstance(t.source, FuseSpec) and len({shapes[s] for s in t.sources}) > 1:
+                listed = ", ".join(f"{s} {shapes[s]}" for s in t.sources)
                 raise RecipeError(f"{where}.from: fused sources differ in shape: {listed}")
-            src_shape = src_shapes[t.sources[0]]
-            tgt_shape = shapes[t.to]
+            grouped = isinstance(t.source, GroupSpec)
+            src_shape = [shapes[s] for s in t.sources] if grouped else shapes[t.sources[0]]
+            tgt_shape = [shapes[s] for s in t.targets] if grouped else shapes[t.targets[0]]
             if t.connector is not None:
                 conn = build_connector(t.connector.kind, tgt_shape, src_shape, f"{where}.connector")
                 self.connectors[str(i)] = conn
-                self.connector_owner[str(i)] = split_tap(t.to)[0]
                 with torch.no_grad():
                     conn.eval()
                     tgt_shape = tuple(conn(torch.zeros(2, *tgt_shape)).shape[1:])
                     conn.train()
-            if CRITERIA[t.criterion].same_shape and tgt_shape != src_shape:
+            if crit.same_shape and tgt_shape != src_shape:
                 raise RecipeError(
                     f"{where}: shape mismatch: {t.to} is {tgt_shape}, {t.sources[0]} is {src_shape}; "
                     "add a connector (connector: linear | conv1x1 | conv3x3)"
                 )
+            if crit.module:
+                self.criterion_modules[str(i)] = self._build_criterion(i, t, tgt_shape, src_shape)
+
+    def _build_criterion(self, i: int, t: TransferSpec, tgt_shape, src_shape) -> nn.Module:
+        src_node, src_tap = split_tap(t.sources[0])
+        tgt_node, tgt_tap = split_tap(t.targets[0])
+
+        def module_name(node: str, tap: str) -> str | None:
+            return None if tap == "logits" else resolve_module(self.models[node], node, tap)[0]
+
+        info = BuildInfo(
+            num_data=self.num_data,
+            source_model=None if isinstance(t.source, FuseSpec) else self.models[src_node],
+            target_model=self.models[tgt_node],
+            source_module=None if isinstance(t.source, FuseSpec) else module_name(src_node, src_tap),
+            target_module=module_name(tgt_node, tgt_tap),
+        )
+        try:
+            return CRITERIA[t.criterion].fn(tgt_shape, src_shape, info, **t.params)
+        except (ValueError, TypeError) as e:
+            raise RecipeError(f"transfers.{i}: criterion {t.criterion!r}: {e}") from None
+
+    def helpers_of(self, node: str) -> list[nn.Module]:
+        """The trainable helpers a node owns: connectors and criterion modules of transfers into it."""
+        return [
+            group[str(i)]
+            for i, t in enumerate(self.recipe.transfers)
+            if t.target_node == node
+            for group in (self.connectors, self.criterion_modules)
+            if str(i) in group
+        ]
 
     def parameters_of(self, node: str) -> list[nn.Parameter]:
-        """A node's own parameters and those of the helpers it owns (connectors on its side)."""
+        """A node's own parameters and those of the helpers it owns."""
         params = list(self.models[node].parameters())
-        for key, owner in self.connector_owner.items():
-            if owner == node:
-                params += list(self.connectors[key].parameters())
+        for helper in self.helpers_of(node):
+            params += list(helper.parameters())
         return params
 
     def set_stage_modes(self, stage: StageSpec) -> None:
         """Training nodes (and their helpers) in train mode with gradients; every other node eval, frozen."""
         for name, model in self.models.items():
             training = name in stage.train
-            model.train(training)
-            model.requires_grad_(training)
-        for key, owner in self.connector_owner.items():
-            self.connectors[key].train(owner in stage.train)
-            self.connectors[key].requires_grad_(owner in stage.train)
+            for module in [model, *self.helpers_of(name)]:
+                module.train(training)
+                module.requires_grad_(training)
 
     def run_nodes(self, x: torch.Tensor, stage: StageSpec) -> dict[str, torch.Tensor]:
         values: dict[str, torch.Tensor] = {}
@@ -162,38 +203,50 @@ class Flow(nn.Module):
             values.update({f"{node}.{k}": v for k, v in out.items()})
         return values
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, stage: StageSpec, epoch: int) -> FlowOutput:
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor, stage: StageSpec, epoch: int, indices: torch.Tensor | None = None
+    ) -> FlowOutput:
+        """All losses of one batch. `indices` are the samples' positions in the training split."""
         taps = self.run_nodes(x, stage)
         out = FlowOutput(total=torch.zeros((), device=x.device))
         for node in stage.train:
             logits = taps[f"{node}.logits"]
-            ce = F.cross_entropy(logits.float(), y)
             out.logits[node] = logits
-            out.node_ce[node] = ce
-            if node in self.recipe.supervise:
-                w = weight_at(self.recipe.supervise[node], epoch)
-                out.terms[f"ce({node})"], out.weights[f"ce({node})"] = ce, w
-                if w:
-                    out.total = out.total + w * ce
+            out.node_ce[node] = F.cross_entropy(logits.float(), y)
+        for node, sup in self.recipe.active_supervision(stage).items():
+            w = weight_at(sup.weight, epoch)
+            label = f"{sup.loss}({node})"
+            value = out.node_ce[node] if sup.loss == "ce" else SUPERVISION[sup.loss].fn(out.logits[node], y, **sup.params)
+            out.terms[label], out.weights[label] = value, w
+            if w:
+                out.total = out.total + w * value
+        context = {"target": y, "epoch": epoch, "epochs": stage.epochs, "indices": indices, "stage": stage.name}
         for i, t in self.recipe.active_transfers(stage):
             w = weight_at(t.weight, epoch)
             label = transfer_label(t)
-            value = self.transfer_value(i, t, taps, y)
+            value = self.transfer_value(i, t, taps, context)
             out.terms[label], out.weights[label] = value, w
             if w:
                 out.total = out.total + w * value
         return out
 
-    def transfer_value(self, index: int, t: TransferSpec, taps: dict[str, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+    def transfer_value(self, index: int, t: TransferSpec, taps: dict[str, torch.Tensor], context: dict) -> torch.Tensor:
         sources = [taps[s] for s in t.sources]
-        if isinstance(t.source, FuseSpec) and len(sources) > 1:
-            ws = t.source.weights or [1.0 / len(sources)] * len(sources)
-            source = sum(w * s for w, s in zip(ws, sources))
+        if isinstance(t.source, GroupSpec):
+            source = [s.detach() if t.detach else s for s in sources]
+            target = [taps[s] for s in t.targets]
         else:
-            source = sources[0]
-        if t.detach:
-            source = source.detach()
-        target = taps[t.to]
-        if str(index) in self.connectors:
-            target = self.connectors[str(index)](target)
-        return CRITERIA[t.criterion].call(target, source, y, t.params)
+            if isinstance(t.source, FuseSpec) and len(sources) > 1:
+                ws = t.source.weights or [1.0 / len(sources)] * len(sources)
+                source = sum(w * s for w, s in zip(ws, sources))
+            else:
+                source = sources[0]
+            if t.detach:
+                source = source.detach()
+            target = taps[t.targets[0]]
+            if str(index) in self.connectors:
+                target = self.connectors[str(index)](target)
+        crit = CRITERIA[t.criterion]
+        if crit.module:
+            return crit.call(self.criterion_modules[str(index)], target, source, {}, context)
+        return crit.call(crit.fn, target, source, t.params, context)

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from kdflow.flow import criteria_builtin, criteria_modules  # noqa: F401  (fill the registry)
 from kdflow.flow.criteria import CRITERIA
 
 
@@ -77,37 +78,45 @@ class FuseSpec(Strict):
         return self
 
 
+class GroupSpec(Strict):
+    """Several taps handed to a grouped criterion as one list (FSP's pair of stages, ReviewKD's stages)."""
+
+    group: list[str] = Field(min_length=1)
+
+
 class ConnectorSpec(Strict):
     kind: Literal["linear", "conv1x1", "conv3x3"]
+
+
+def _inline_params(data: Any, known: set[str]) -> Any:
+    """Move keys that are not fields into `params` (the criterion's or the loss's parameters)."""
+    if not isinstance(data, dict):
+        return data
+    extra = {k: v for k, v in data.items() if k not in known}
+    if not extra:
+        return data
+    data = {k: v for k, v in data.items() if k in known}
+    data["params"] = {**data.get("params", {}), **extra}
+    return data
 
 
 class TransferSpec(Strict):
     """An edge: source tap(s) → target tap through a criterion. Unknown keys are criterion parameters."""
 
-    source: str | FuseSpec = Field(alias="from")
-    to: str
+    source: str | FuseSpec | GroupSpec = Field(alias="from")
+    to: str | GroupSpec
     criterion: str
     weight: Weight = 1.0
     params: dict[str, Any] = {}
     connector: ConnectorSpec | None = None
     detach: bool = True
+    stages: list[str] | None = None  # active only in these stages (default: whenever the target trains)
 
     @model_validator(mode="before")
     @classmethod
     def _collect_params(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        known = {"from", "source", "to", "criterion", "weight", "params", "connector", "detach"}
-        extra = {k: v for k, v in data.items() if k not in known}
-        if not extra:
-            return data
-        data = {k: v for k, v in data.items() if k in known}
-        data["params"] = {**data.get("params", {}), **extra}
-        return data
-
-    @model_validator(mode="before")
-    @classmethod
-    def _connector_shorthand(cls, data: Any) -> Any:
+        known = {"from", "source", "to", "criterion", "weight", "params", "connector", "detach", "stages"}
+        data = _inline_params(data, known)
         if isinstance(data, dict) and isinstance(data.get("connector"), str):
             data = {**data, "connector": {"kind": data["connector"]}}
         return data
@@ -116,17 +125,59 @@ class TransferSpec(Strict):
     def _criterion_known(self) -> "TransferSpec":
         if self.criterion not in CRITERIA:
             raise ValueError(f"unknown criterion {self.criterion!r}; known: {', '.join(sorted(CRITERIA))}")
-        allowed = CRITERIA[self.criterion].params
+        crit = CRITERIA[self.criterion]
         for key in self.params:
-            if key not in allowed:
+            if key not in crit.params:
                 raise ValueError(
-                    f"unknown field {key!r}: criterion {self.criterion!r} takes {', '.join(allowed) or 'no parameters'}"
+                    f"unknown field {key!r}: criterion {self.criterion!r} takes {', '.join(crit.params) or 'no parameters'}"
                 )
+        grouped = isinstance(self.to, GroupSpec) and isinstance(self.source, GroupSpec)
+        if crit.grouped != grouped:
+            need = "takes" if crit.grouped else "does not take"
+            raise ValueError(f"criterion {self.criterion!r} {need} tap groups ({{group: [...]}}) on both sides")
+        if grouped and self.connector is not None:
+            raise ValueError("a connector maps one tap; a grouped criterion builds its own helpers")
         return self
 
     @property
     def sources(self) -> list[str]:
-        return self.source.fuse if isinstance(self.source, FuseSpec) else [self.source]
+        return self.source.fuse if isinstance(self.source, FuseSpec) else self.source.group if isinstance(self.source, GroupSpec) else [self.source]
+
+    @property
+    def targets(self) -> list[str]:
+        return self.to.group if isinstance(self.to, GroupSpec) else [self.to]
+
+    @property
+    def target_node(self) -> str:
+        return self.targets[0].split(".", 1)[0]
+
+
+class SuperviseSpec(Strict):
+    """A trainable node's loss against the labels: `ce` by default; unknown keys are the loss's parameters."""
+
+    weight: Weight = 1.0
+    loss: str = "ce"
+    params: dict[str, Any] = {}
+    stages: list[str] | None = None  # active only in these stages (default: whenever the node trains)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _collect_params(cls, data: Any) -> Any:
+        if isinstance(data, (int, float)) or (isinstance(data, dict) and "value" in data):
+            return {"weight": data}  # a bare weight or weight schedule
+        return _inline_params(data, {"weight", "loss", "params", "stages"})
+
+    @model_validator(mode="after")
+    def _loss_known(self) -> "SuperviseSpec":
+        from kdflow.flow.supervision import SUPERVISION
+
+        if self.loss not in SUPERVISION:
+            raise ValueError(f"unknown loss {self.loss!r}; known: {', '.join(sorted(SUPERVISION))}")
+        allowed = SUPERVISION[self.loss].params
+        for key in self.params:
+            if key not in allowed:
+                raise ValueError(f"unknown field {key!r}: loss {self.loss!r} takes {', '.join(allowed) or 'no parameters'}")
+        return self
 
 
 class StageSpec(Strict):
@@ -172,10 +223,24 @@ class Recipe(Strict):
     device: str = "auto"
     data: DataSpec
     nodes: dict[str, NodeSpec] = Field(min_length=1)
-    supervise: dict[str, Weight] = {}
+    supervise: dict[str, SuperviseSpec] = {}
     transfers: list[TransferSpec] = []
     stages: list[StageSpec] = []
     train: TrainSpec = TrainSpec()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fan_out(cls, data: Any) -> Any:
+        """`to: [a.logits, b.logits]` is one transfer per target (DESIGN's SLKD sketch)."""
+        if not isinstance(data, dict) or not isinstance(data.get("transfers"), list):
+            return data
+        out = []
+        for t in data["transfers"]:
+            if isinstance(t, dict) and isinstance(t.get("to"), list):
+                out += [{**t, "to": target} for target in t["to"]]
+            else:
+                out.append(t)
+        return {**data, "transfers": out}
 
     @model_validator(mode="after")
     def _references(self) -> "Recipe":
@@ -190,10 +255,22 @@ class Recipe(Strict):
         for node in self.supervise:
             if node not in names:
                 raise ValueError(f"supervise.{node}: no such node (nodes: {', '.join(sorted(names))})")
+        stage_names = [s.name for s in self.stages] or ["main"]
+        if len(set(stage_names)) != len(stage_names):
+            raise ValueError(f"stages: names must be unique, got {stage_names}")
         for i, t in enumerate(self.transfers):
-            node_of(t.to, f"transfers.{i}.to")
+            targets = {node_of(tap, f"transfers.{i}.to") for tap in t.targets}
+            if len(targets) > 1:
+                raise ValueError(f"transfers.{i}.to: a group's taps must all be on one node, got {sorted(targets)}")
             for s in t.sources:
                 node_of(s, f"transfers.{i}.from")
+            for name in t.stages or []:
+                if name not in stage_names:
+                    raise ValueError(f"transfers.{i}.stages: no stage {name!r} (stages: {', '.join(stage_names)})")
+        for node, sup in self.supervise.items():
+            for name in sup.stages or []:
+                if name not in stage_names:
+                    raise ValueError(f"supervise.{node}.stages: no stage {name!r} (stages: {', '.join(stage_names)})")
         for i, stage in enumerate(self.stages):
             for node in stage.train or []:
                 if node not in names:
@@ -223,8 +300,19 @@ class Recipe(Strict):
         ]
 
     def active_transfers(self, stage: StageSpec) -> list[tuple[int, TransferSpec]]:
-        """Transfers whose target node trains in `stage`."""
-        return [(i, t) for i, t in enumerate(self.transfers) if t.to.split(".", 1)[0] in (stage.train or [])]
+        """Transfers whose target node trains in `stage` (and that are not limited to other stages)."""
+        return [
+            (i, t)
+            for i, t in enumerate(self.transfers)
+            if t.target_node in (stage.train or []) and (t.stages is None or stage.name in t.stages)
+        ]
+
+    def active_supervision(self, stage: StageSpec) -> dict[str, SuperviseSpec]:
+        return {
+            node: sup
+            for node, sup in self.supervise.items()
+            if node in (stage.train or []) and (sup.stages is None or stage.name in sup.stages)
+        }
 
     def is_used(self, node: str, stage: StageSpec) -> bool:
         """A node runs in a stage if it trains there or feeds an active transfer."""

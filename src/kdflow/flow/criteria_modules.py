@@ -1,0 +1,79 @@
+"""Criteria with trainable parameters or state, built from the tap shapes at flow build time.
+
+Each factory returns an nn.Module whose forward takes (target tap, source tap, **context)
+and returns the loss; the module belongs to the target node (its optimizer and checkpoint).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from kdflow import losses
+from kdflow.flow.criteria import BuildInfo, register_criterion
+
+
+def _flat_dim(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def vid(target_shape: tuple[int, ...], source_shape: tuple[int, ...], build: BuildInfo, init_variance: float = 5.0, eps: float = 1e-5) -> nn.Module:
+    """VID (Ahn et al. 2019): a Gaussian with a learned mean regressor and learned per-channel variance."""
+    if len(target_shape) != 3 or len(source_shape) != 3:
+        raise ValueError(f"vid taps feature maps C×H×W, got {target_shape} and {source_shape}")
+    return losses.VIDLoss(target_shape[0], source_shape[0], init_variance=init_variance, eps=eps)
+
+
+class _CRD(nn.Module):
+    def __init__(self, crd: losses.CRDLoss) -> None:
+        super().__init__()
+        self.crd = crd
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, indices: torch.Tensor | None) -> torch.Tensor:
+        if indices is None:
+            raise ValueError("crd needs the samples' dataset indices")
+        return self.crd(student.flatten(1), teacher.flatten(1), indices)
+
+
+def crd(
+    target_shape: tuple[int, ...],
+    source_shape: tuple[int, ...],
+    build: BuildInfo,
+    feat_dim: int = 128,
+    num_negatives: int = 16384,
+    temperature: float = 0.07,
+    momentum: float = 0.5,
+) -> nn.Module:
+    """CRD (Tian et al. 2020): NCE between projected embeddings with momentum memory banks over the training set."""
+    if build.num_data < 1:
+        raise ValueError("crd needs the size of the training set")
+    return _CRD(
+        losses.CRDLoss(
+            _flat_dim(target_shape), _flat_dim(source_shape), build.num_data, feat_dim, num_negatives, temperature, momentum
+        )
+    )
+
+
+class _CC(nn.Module):
+    def __init__(self, student_dim: int, teacher_dim: int, embed_dim: int, gamma: float, order: int) -> None:
+        super().__init__()
+        self.embed_s = nn.Linear(student_dim, embed_dim)
+        self.embed_t = nn.Linear(teacher_dim, embed_dim)
+        self.gamma, self.order = gamma, order
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return losses.cc(self.embed_s(student.flatten(1)), self.embed_t(teacher.flatten(1)), self.gamma, self.order)
+
+
+def cc(
+    target_shape: tuple[int, ...], source_shape: tuple[int, ...], build: BuildInfo, embed_dim: int = 128, gamma: float = 0.4, order: int = 2
+) -> nn.Module:
+    """CC (Peng et al. 2019): correlation congruence of linear 128-d embeddings of both sides (both trained)."""
+    return _CC(_flat_dim(target_shape), _flat_dim(source_shape), embed_dim, gamma, order)
+
+
+register_criterion("vid", vid, module=True, same_shape=False)
+register_criterion("crd", crd, module=True, same_shape=False, context=("indices",))
+register_criterion("cc", cc, module=True, same_shape=False)

@@ -1,0 +1,36 @@
+"""Losses against the labels that a trainable node can be supervised with."""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from kdflow import losses
+
+
+@dataclass(frozen=True)
+class SupervisionLoss:
+    name: str
+    fn: Callable[..., torch.Tensor]  # fn(logits, labels, **params)
+    params: tuple[str, ...]
+
+
+SUPERVISION: dict[str, SupervisionLoss] = {}
+
+
+def register_supervision(name: str, fn: Callable[..., torch.Tensor]) -> None:
+    params = tuple(inspect.signature(fn).parameters)[2:]
+    SUPERVISION[name] = SupervisionLoss(name, fn, params)
+
+
+def ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy, mean over the batch."""
+    return F.cross_entropy(logits.float(), target)
+
+
+register_supervision("ce", ce)
+register_supervision("label_smoothing", losses.label_smoothing)
+register_supervision("tfkd_reg", losses.tfkd_reg)

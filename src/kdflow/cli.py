@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="run a recipe")
-    t.add_argument("recipe", help="recipe YAML file")
+    t.add_argument("recipe", nargs="+", help="recipe YAML file(s); later files override earlier ones (pair + method)")
     t.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", nargs="+", help="override recipe fields")
     t.add_argument("--out", help="run directory (default runs/RECIPE_NAME)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")

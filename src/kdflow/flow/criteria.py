@@ -7,7 +7,9 @@ are passed only to criteria whose signature names them:
 - ``target``: the batch's labels;
 - ``epoch`` / ``epochs``: the epoch (0-based) within the stage and the stage's length;
 - ``indices``: the batch's sample indices in the training set (CRD's memory bank);
-- ``stage``: the stage's name.
+- ``stage``: the stage's name;
+- ``x``: the batch's (augmented, normalised) inputs, for criteria that run a node again on
+  inputs of their own (BSS's adversarial samples).
 
 A *module* criterion has trainable parameters or state (VID's variances, CRD's memory bank,
 ReviewKD's fusion): it is registered as a factory that builds an nn.Module from the tap
@@ -27,7 +29,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-CONTEXT = ("target", "epoch", "epochs", "indices", "stage")
+CONTEXT = ("target", "epoch", "epochs", "indices", "stage", "x")
 FACTORY_ARGS = ("target_shape", "source_shape", "build")
 
 

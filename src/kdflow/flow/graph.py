@@ -220,7 +220,7 @@ class Flow(nn.Module):
             out.terms[label], out.weights[label] = value, w
             if w:
                 out.total = out.total + w * value
-        context = {"target": y, "epoch": epoch, "epochs": stage.epochs, "indices": indices, "stage": stage.name}
+        context = {"target": y, "epoch": epoch, "epochs": stage.epochs, "indices": indices, "stage": stage.name, "x": x}
         for i, t in self.recipe.active_transfers(stage):
             w = weight_at(t.weight, epoch)
             label = transfer_label(t)

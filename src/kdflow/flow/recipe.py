@@ -64,15 +64,37 @@ def resolve(raw: dict, source: str = "recipe") -> Recipe:
         raise RecipeError(f"{source}: {_format(e)}") from None
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    path = Path(path)
+def merge(base: dict, extra: dict) -> dict:
+    """`extra` over `base`: mappings merge key by key, anything else (lists included) is replaced."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
-    return resolve(apply_overrides(raw, overrides or []), str(path))
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping, got {type(raw).__name__}")
+    return raw
+
+
+def load_recipe(paths: str | Path | list[str | Path], overrides: list[str] | None = None) -> Recipe:
+    """Read one recipe file, or compose several (e.g. a teacher-student pair file, then a method file:
+    later files override earlier ones), then apply `--set` overrides and validate."""
+    paths = [Path(p) for p in (paths if isinstance(paths, list) else [paths])]
+    raw: dict = {}
+    for path in paths:
+        raw = merge(raw, read_yaml(path))
+    return resolve(apply_overrides(raw, overrides or []), " + ".join(str(p) for p in paths))
 
 
 def dump_recipe(recipe: Recipe) -> str:

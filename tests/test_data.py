@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from formats import cifar_rows, dump, make_cifar10, make_idx_dir, write_idx
 
+from formats import cifar_rows, dump, make_cifar10, make_idx_dir, write_idx
 from kdflow.data import DATASETS, DatasetError, load_dataset
 from kdflow.data.augment import (
     augment_batch,

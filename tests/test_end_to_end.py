@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from formats import make_cifar10, make_idx_dir
 
+from formats import make_cifar10, make_idx_dir
 from kdflow.checkpoint import read_model_file
 from kdflow.cli import main
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SYNTH
 
+from conftest import SYNTH
 from kdflow.checkpoint import load_safe, read_model_file, save_atomic
 from kdflow.engine import EpochEnd, train
 from kdflow.engine.rundir import read_jsonl

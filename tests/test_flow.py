@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SYNTH
 
+from conftest import SYNTH
 from kdflow import losses
 from kdflow.flow import resolve
 from kdflow.flow.graph import Flow

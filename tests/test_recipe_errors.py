@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import SYNTH, make_teacher
 
+from conftest import SYNTH, make_teacher
 from kdflow.cli import main
 from kdflow.engine import train
 from kdflow.flow import RecipeError, load_recipe, resolve

@@ -18,18 +18,30 @@ def topk_correct(logits: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
 
 def evaluate(model: nn.Module, ds: ArrayDataset, batch_size: int = 1000) -> dict[str, float]:
     """Mean cross-entropy, top-1 and top-5 accuracy (percent) of `model` on `ds`, in eval mode."""
-    was_training = model.training
-    model.eval()
+    return evaluate_ensemble([model], ds, batch_size)
+
+
+def evaluate_ensemble(models: list[nn.Module], ds: ArrayDataset, batch_size: int = 1000) -> dict[str, float]:
+    """The same metrics for the mean of the models' softmax outputs (one model: the model itself)."""
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
     device = ds.x.device
     loss = torch.zeros((), dtype=torch.float64, device=device)
     top1 = torch.zeros((), dtype=torch.long, device=device)
     top5 = torch.zeros((), dtype=torch.long, device=device)
     with torch.inference_mode():
         for x, y, _ in batches(ds, batch_size):
-            logits = model_logits(model(augment_batch(x, ds.mean, ds.std))).float()
-            loss += F.cross_entropy(logits, y, reduction="sum").double()
-            top1 += topk_correct(logits, y, 1)
-            top5 += topk_correct(logits, y, 5)
-    model.train(was_training)
+            x = augment_batch(x, ds.mean, ds.std)
+            if len(models) == 1:
+                log_p = F.log_softmax(model_logits(models[0](x)).float(), dim=1)
+            else:
+                probs = torch.stack([F.softmax(model_logits(m(x)).float(), dim=1) for m in models]).mean(0)
+                log_p = probs.clamp_min(1e-12).log()
+            loss += F.nll_loss(log_p, y, reduction="sum").double()
+            top1 += topk_correct(log_p, y, 1)
+            top5 += topk_correct(log_p, y, 5)
+    for m, training in zip(models, was_training):
+        m.train(training)
     n = len(ds)
     return {"test_loss": loss.item() / n, "test_top1": 100.0 * top1.item() / n, "test_top5": 100.0 * top5.item() / n}

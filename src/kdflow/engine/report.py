@@ -24,14 +24,19 @@ def summarize(recipe: Recipe, records: list[dict], params: dict[str, int]) -> li
     rows: dict[tuple[int, str], dict] = {}
     for r in records:
         key = (r["stage_index"], r["node"])
+        if r.get("kind") == "ensemble":
+            members = recipe.ensembles[r["node"]]
+            arch, n_params, how = f"ensemble({', '.join(members)})", sum(params[m] for m in members), "mean softmax"
+        else:
+            arch, n_params, how = recipe.nodes[r["node"]].arch, params[r["node"]], objective(recipe, r["node"])
         row = rows.setdefault(
             key,
             {
                 "node": r["node"],
                 "stage": r["stage"],
-                "arch": recipe.nodes[r["node"]].arch,
-                "params": params[r["node"]],
-                "objective": objective(recipe, r["node"]),
+                "arch": arch,
+                "params": n_params,
+                "objective": how,
                 "best_top1": r["test_top1"],
                 "best_epoch": r["epoch"],
             },

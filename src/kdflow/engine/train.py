@@ -26,7 +26,7 @@ from kdflow.data import ArrayDataset, load_dataset
 from kdflow.data.augment import augment_batch
 from kdflow.data.base import DatasetError
 from kdflow.data.loader import batches, num_batches, seeded_generator, subset, to_device
-from kdflow.engine.evaluate import evaluate, topk_correct
+from kdflow.engine.evaluate import evaluate, evaluate_ensemble, topk_correct
 from kdflow.engine.report import summarize, summary_table
 from kdflow.engine.rundir import (
     append_jsonl,
@@ -260,6 +260,10 @@ def train(
     elif metrics_path.exists():
         metrics_path.unlink()
 
+    # nodes whose weights are final before a stage starts: checkpointed ones and those trained in earlier stages
+    ready = {n for n, spec in recipe.nodes.items() if spec.checkpoint}
+    for s in stages[:stage_index]:
+        ready.update(s.train)
     for si in range(stage_index, len(stages)):
         stage = stages[si]
         flow.set_stage_modes(stage)
@@ -297,9 +301,16 @@ def train(
                         "images_per_sec": stats["seen"] / max(stats["elapsed"], 1e-9),
                     }
                 )
+            for name, members in recipe.ensembles.items():
+                if all(m in stage.train or m in ready for m in members):
+                    ev = evaluate_ensemble([flow.models[m] for m in members], test_set, recipe.train.eval_batch_size)
+                    records.append({"stage": stage.name, "stage_index": si, "epoch": epoch + 1, "node": name, "kind": "ensemble", **ev})
             flow.set_stage_modes(stage)  # evaluation switched the nodes to eval mode
             for r in records:
                 append_jsonl(metrics_path, r)
+            if epoch + 1 in recipe.train.save_epochs:
+                for node in stage.train:
+                    save_node(flow, recipe, node, train_set, out / "nodes" / f"{node}-epoch{epoch + 1}.pt", stage=stage.name, epoch=epoch + 1)
             save_atomic(
                 {
                     "flow": flow.state_dict(),
@@ -312,7 +323,10 @@ def train(
                 out / "last.pt",
             )
             nodes_text = " | ".join(
-                f"{r['node']}: loss {r['train_loss']:.3f} train {r['train_top1']:.2f} test {r['test_top1']:.2f}" for r in records
+                f"{r['node']}: loss {r['train_loss']:.3f} train {r['train_top1']:.2f} test {r['test_top1']:.2f}"
+                if "kind" not in r
+                else f"{r['node']} (ensemble): test {r['test_top1']:.2f}"
+                for r in records
             )
             log(
                 f"[{stage.name}] epoch {epoch + 1}/{stage.epochs}  {nodes_text}  "
@@ -322,6 +336,7 @@ def train(
                 cb(EpochEnd(si, stage.name, epoch + 1, records))
         for node in stage.train:
             save_node(flow, recipe, node, train_set, out / "nodes" / f"{node}.pt", stage=stage.name)
+        ready.update(stage.train)
         if stage is not stages[-1]:
             # the next stage starts from here; a resume after this point must not replay this stage
             save_atomic(

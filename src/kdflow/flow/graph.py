@@ -45,6 +45,7 @@ class FlowOutput:
     weights: dict[str, float] = field(default_factory=dict)
     logits: dict[str, torch.Tensor] = field(default_factory=dict)  # trainable nodes' logits
     node_ce: dict[str, torch.Tensor] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)  # labels of transfers dropped this step (DGKD)
 
 
 def _seeded_build(recipe: Recipe, name: str, index: int, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
@@ -72,6 +73,17 @@ def load_node_checkpoint(model: nn.Module, name: str, spec_arch: str, path: str)
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         raise RecipeError(f"nodes.{name}.checkpoint: {path} does not fit {spec_arch!r}: {first}") from None
+
+
+def fuse(sources: list[torch.Tensor], spec: FuseSpec) -> torch.Tensor:
+    """Combine source taps: their mean, a weighted sum, or per sample by each source's confidence
+    (its top softmax probability, normalised over the sources)."""
+    if spec.mode == "confidence":
+        conf = torch.stack([s.detach().float().softmax(dim=1).amax(dim=1) for s in sources])  # K×B
+        w = conf / conf.sum(dim=0, keepdim=True)
+        return sum(w[k].unsqueeze(1) * s for k, s in enumerate(sources))
+    ws = spec.weights if spec.mode == "weights" else [1.0 / len(sources)] * len(sources)
+    return sum(w * s for w, s in zip(ws, sources))
 
 
 class Flow(nn.Module):
@@ -221,14 +233,29 @@ class Flow(nn.Module):
             if w:
                 out.total = out.total + w * value
         context = {"target": y, "epoch": epoch, "epochs": stage.epochs, "indices": indices, "stage": stage.name, "x": x}
-        for i, t in self.recipe.active_transfers(stage):
-            w = weight_at(t.weight, epoch)
+        active = self.recipe.active_transfers(stage)
+        dropped = self._drawn_drops(active)
+        for i, t in active:
             label = transfer_label(t)
+            if i in dropped:
+                out.dropped.append(label)
+                continue
+            w = weight_at(t.weight, epoch)
             value = self.transfer_value(i, t, taps, context)
             out.terms[label], out.weights[label] = value, w
             if w:
                 out.total = out.total + w * value
         return out
+
+    def _drawn_drops(self, active: list[tuple[int, TransferSpec]]) -> set[int]:
+        """Indices of the transfers to skip this step: `drop[pool]` drawn uniformly from each pool's active ones."""
+        dropped: set[int] = set()
+        for pool, k in self.recipe.drop.items():
+            members = [i for i, t in active if t.pool == pool]
+            if k and members:
+                order = torch.randperm(len(members))  # the global RNG: checkpointed, so resume replays it
+                dropped.update(members[j] for j in order[:k].tolist())
+        return dropped
 
     def transfer_value(self, index: int, t: TransferSpec, taps: dict[str, torch.Tensor], context: dict) -> torch.Tensor:
         sources = [taps[s] for s in t.sources]
@@ -237,8 +264,7 @@ class Flow(nn.Module):
             target = [taps[s] for s in t.targets]
         else:
             if isinstance(t.source, FuseSpec) and len(sources) > 1:
-                ws = t.source.weights or [1.0 / len(sources)] * len(sources)
-                source = sum(w * s for w, s in zip(ws, sources))
+                source = fuse(sources, t.source)
             else:
                 source = sources[0]
             if t.detach:

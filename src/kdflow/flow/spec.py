@@ -58,6 +58,7 @@ class NodeOptim(Strict):
 
 class NodeSpec(Strict):
     arch: str
+    same_as: str | None = None  # copy `arch` and `args` from that node (SLKD's SL-Ts, Born-Again generations)
     role: Literal["frozen", "trainable"] = "trainable"
     checkpoint: str | None = None
     args: dict[str, Any] = {}
@@ -66,15 +67,24 @@ class NodeSpec(Strict):
 
 
 class FuseSpec(Strict):
-    """Several source taps combined into one: the mean, or a weighted sum with `weights`."""
+    """Several source taps combined into one: the mean, a weighted sum with `weights`, or, with
+    `mode: confidence`, per sample weights proportional to each source's top softmax probability
+    (the sources must be logits)."""
 
     fuse: list[str] = Field(min_length=1)
     weights: list[float] | None = None
+    mode: Literal["mean", "weights", "confidence"] | None = None  # default: weights if given, else mean
 
     @model_validator(mode="after")
     def _weights_match(self) -> "FuseSpec":
         if self.weights is not None and len(self.weights) != len(self.fuse):
             raise ValueError(f"fuse has {len(self.fuse)} sources but {len(self.weights)} weights")
+        if self.mode is None:
+            self.mode = "weights" if self.weights is not None else "mean"
+        if self.mode == "weights" and self.weights is None:
+            raise ValueError("fuse mode 'weights' needs weights")
+        if self.mode == "confidence" and not all(tap.endswith(".logits") for tap in self.fuse):
+            raise ValueError("fuse mode 'confidence' weighs logits taps only")
         return self
 
 
@@ -111,11 +121,12 @@ class TransferSpec(Strict):
     connector: ConnectorSpec | None = None
     detach: bool = True
     stages: list[str] | None = None  # active only in these stages (default: whenever the target trains)
+    pool: str | None = None  # a named pool of transfers of which `Recipe.drop[pool]` are dropped per step (DGKD)
 
     @model_validator(mode="before")
     @classmethod
     def _collect_params(cls, data: Any) -> Any:
-        known = {"from", "source", "to", "criterion", "weight", "params", "connector", "detach", "stages"}
+        known = {"from", "source", "to", "criterion", "weight", "params", "connector", "detach", "stages", "pool"}
         data = _inline_params(data, known)
         if isinstance(data, dict) and isinstance(data.get("connector"), str):
             data = {**data, "connector": {"kind": data["connector"]}}
@@ -200,6 +211,7 @@ class TrainSpec(Strict):
     optim: OptimSpec = OptimSpec()
     schedule: ScheduleSpec = ScheduleSpec()
     channels_last: bool = False  # NHWC memory format for image models; faster for convolutions on some CPUs
+    save_epochs: list[int] = []  # also keep nodes/NODE-epochE.pt after these epochs (ESKD's early teachers)
 
 
 class AugmentSpec(Strict):
@@ -227,6 +239,24 @@ class Recipe(Strict):
     transfers: list[TransferSpec] = []
     stages: list[StageSpec] = []
     train: TrainSpec = TrainSpec()
+    drop: dict[str, int] = {}  # pool name -> how many of its active transfers to drop at random each step
+    ensembles: dict[str, list[str]] = {}  # name -> nodes whose mean softmax is evaluated after each stage
+
+    @model_validator(mode="before")
+    @classmethod
+    def _same_as(cls, data: Any) -> Any:
+        nodes = data.get("nodes") if isinstance(data, dict) else None
+        if not isinstance(nodes, dict):
+            return data
+        out = {}
+        for name, node in nodes.items():
+            ref = node.get("same_as") if isinstance(node, dict) else None
+            if ref is not None:
+                if ref not in nodes or not isinstance(nodes[ref], dict) or nodes[ref].get("same_as"):
+                    raise ValueError(f"nodes.{name}.same_as: {ref!r} is not a node with its own arch")
+                node = {"arch": nodes[ref].get("arch"), "args": nodes[ref].get("args", {}), **node}
+            out[name] = node
+        return {**data, "nodes": out}
 
     @model_validator(mode="before")
     @classmethod
@@ -267,6 +297,16 @@ class Recipe(Strict):
             for name in t.stages or []:
                 if name not in stage_names:
                     raise ValueError(f"transfers.{i}.stages: no stage {name!r} (stages: {', '.join(stage_names)})")
+        pools = {t.pool for t in self.transfers if t.pool}
+        for pool, k in self.drop.items():
+            if pool not in pools:
+                raise ValueError(f"drop.{pool}: no transfer has pool {pool!r}")
+            if k < 0:
+                raise ValueError(f"drop.{pool}: cannot drop {k} transfers")
+        for ens, members in self.ensembles.items():
+            for node in members:
+                if node not in names:
+                    raise ValueError(f"ensembles.{ens}: no such node {node!r}")
         for node, sup in self.supervise.items():
             for name in sup.stages or []:
                 if name not in stage_names:

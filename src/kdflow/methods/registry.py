@@ -61,13 +61,20 @@ def _method_entries(spec: Any) -> list[tuple[str, dict]]:
 
 
 def expand_methods(raw: dict) -> dict:
-    """Merge the graphs of the recipe's `method:` entries into the recipe (recipe fields win)."""
+    """Merge the graphs of the recipe's `method:` entries into the recipe (recipe fields win).
+
+    Nodes merge field by field; the first method sets a node's supervision; transfers add up;
+    the first method that has stages sets them, unless the recipe gives its own; `drop` and
+    `ensembles` merge by key.
+    """
     if "method" not in raw:
         return raw
     raw = copy.deepcopy(raw)
     nodes: dict[str, dict] = {}
     supervise: dict[str, Any] = {}
     transfers: list[dict] = []
+    stages: list[dict] = []
+    extras: dict[str, dict] = {"drop": {}, "ensembles": {}}
     for name, args in _method_entries(raw.pop("method")):
         graph = method_graph(name, **args)
         for node, fields in graph.get("nodes", {}).items():
@@ -75,10 +82,18 @@ def expand_methods(raw: dict) -> dict:
         for node, weight in graph.get("supervise", {}).items():
             supervise.setdefault(node, weight)  # the first method sets a node's CE weight
         transfers += graph.get("transfers", [])
+        stages = stages or list(graph.get("stages", []))  # the first method with stages sets them
+        for key in extras:
+            extras[key].update(graph.get(key, {}))
     for node, fields in (raw.get("nodes") or {}).items():
         nodes.setdefault(node, {}).update(fields or {})
     raw["nodes"] = nodes
     raw["supervise"] = {**supervise, **(raw.get("supervise") or {})}
     # the recipe's own transfers first, so an error's index matches the recipe file
     raw["transfers"] = list(raw.get("transfers") or []) + transfers
+    if stages and not raw.get("stages"):
+        raw["stages"] = stages
+    for key, values in extras.items():
+        if values:
+            raw[key] = {**values, **(raw.get(key) or {})}
     return raw

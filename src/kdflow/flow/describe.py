@@ -57,8 +57,17 @@ def describe_text(graph: dict[str, Any]) -> str:
             extras.append(f"connector {t.connector.kind}")
         if t.stages:
             extras.append(f"stages {t.stages}")
+        if t.pool:
+            extras.append(f"pool {t.pool}")
         target = t.targets[0] if len(t.targets) == 1 else f"[{', '.join(t.targets)}]"
         lines.append(f"  {_source(t)} -> {target}  via {t.criterion}  ({'; '.join(e for e in extras if e)})")
+    if graph.get("stages"):
+        lines.append("stages (in order):")
+        lines += [f"  {s['name']:<10} trains {', '.join(s.get('train', []))}" for s in graph["stages"]]
+    for pool, k in graph.get("drop", {}).items():
+        lines.append(f"drop: {k} of the active transfers in pool {pool!r}, at random, every step")
+    for name, members in graph.get("ensembles", {}).items():
+        lines.append(f"ensemble {name}: mean softmax of {', '.join(members)}")
     return "\n".join(lines)
 
 

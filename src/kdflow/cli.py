@@ -61,9 +61,12 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_describe(args: argparse.Namespace) -> int:
-    from kdflow.flow.describe import describe_mermaid, describe_text
+    from kdflow.flow.describe import describe_markdown, describe_mermaid, describe_text
     from kdflow.methods import METHODS, method_graph
 
+    if args.method == "all":
+        print(describe_markdown(METHODS))
+        return 0
     graph = method_graph(args.method)
     m = METHODS[args.method]
     if args.mermaid:
@@ -97,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(fn=cmd_methods)
 
     d = sub.add_parser("describe", help="show a method's flow graph")
-    d.add_argument("method")
+    d.add_argument("method", help="a method name, or 'all' for every method as Markdown (text and Mermaid)")
     d.add_argument("--mermaid", action="store_true", help="print a Mermaid flowchart")
     d.set_defaults(fn=cmd_describe)
     return p

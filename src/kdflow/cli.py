@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -9,13 +10,20 @@ from kdflow.flow.errors import RecipeError
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
     from kdflow.engine import train
     from kdflow.flow import load_recipe
 
     recipe = load_recipe(args.recipe, args.set)
     out = Path(args.out) if args.out else Path("runs") / recipe.name
-    train(recipe, out, resume=args.resume, progress=None if not args.no_progress else False)
-    print(f"run directory: {out}")
+    try:
+        train(recipe, out, resume=args.resume, progress=None if not args.no_progress else False)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"run directory: {out}")
     return 0
 
 

@@ -1,6 +1,8 @@
 """Evaluation: loss, top-1 and top-5 of one model on a split, batch by batch."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -8,6 +10,7 @@ import torch.nn.functional as F
 from kdflow.data.augment import augment_batch
 from kdflow.data.base import ArrayDataset
 from kdflow.data.loader import batches
+from kdflow.engine.distributed import DistInfo, all_reduce_sum
 from kdflow.flow.taps import model_logits
 
 
@@ -16,13 +19,20 @@ def topk_correct(logits: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
     return (logits.topk(k, dim=1).indices == y[:, None]).any(dim=1).sum()
 
 
-def evaluate(model: nn.Module, ds: ArrayDataset, batch_size: int = 1000) -> dict[str, float]:
+def evaluate(model: nn.Module, ds: ArrayDataset, batch_size: int = 1000, dist_info: DistInfo = DistInfo()) -> dict[str, float]:
     """Mean cross-entropy, top-1 and top-5 accuracy (percent) of `model` on `ds`, in eval mode."""
-    return evaluate_ensemble([model], ds, batch_size)
+    return evaluate_ensemble([model], ds, batch_size, dist_info)
 
 
-def evaluate_ensemble(models: list[nn.Module], ds: ArrayDataset, batch_size: int = 1000) -> dict[str, float]:
-    """The same metrics for the mean of the models' softmax outputs (one model: the model itself)."""
+def evaluate_ensemble(
+    models: list[nn.Module], ds: ArrayDataset, batch_size: int = 1000, dist_info: DistInfo = DistInfo()
+) -> dict[str, float]:
+    """The same metrics for the mean of the models' softmax outputs (one model: the model itself).
+
+    Under several processes each evaluates every world-th sample and the sums are reduced."""
+    n = len(ds)
+    if dist_info.enabled:
+        ds = replace(ds, x=ds.x[dist_info.rank :: dist_info.world], y=ds.y[dist_info.rank :: dist_info.world])
     was_training = [m.training for m in models]
     for m in models:
         m.eval()
@@ -43,5 +53,5 @@ def evaluate_ensemble(models: list[nn.Module], ds: ArrayDataset, batch_size: int
             top5 += topk_correct(log_p, y, 5)
     for m, training in zip(models, was_training):
         m.train(training)
-    n = len(ds)
+    all_reduce_sum([loss, top1, top5])
     return {"test_loss": loss.item() / n, "test_top1": 100.0 * top1.item() / n, "test_top5": 100.0 * top5.item() / n}

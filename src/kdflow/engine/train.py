@@ -19,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from kdflow.checkpoint import load_safe, model_file, save_atomic
@@ -26,6 +27,7 @@ from kdflow.data import ArrayDataset, load_dataset
 from kdflow.data.augment import augment_batch
 from kdflow.data.base import DatasetError
 from kdflow.data.loader import batches, num_batches, seeded_generator, subset, to_device
+from kdflow.engine.distributed import DistInfo, all_reduce_sum, average_gradients, init_distributed
 from kdflow.engine.evaluate import evaluate, evaluate_ensemble, topk_correct
 from kdflow.engine.report import summarize, summary_table
 from kdflow.engine.rundir import (
@@ -52,10 +54,15 @@ class EpochEnd:
     records: list[dict]
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, dist_info: DistInfo = DistInfo()) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and dist_info.enabled:
+        return torch.device("cuda", dist_info.local_rank)
     return torch.device(name)
+
+
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def seed_everything(seed: int) -> None:
@@ -146,8 +153,12 @@ def train_epoch(
     train_set: ArrayDataset,
     optimizers: dict[str, torch.optim.SGD],
     progress: bool,
+    dist_info: DistInfo = DistInfo(),
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict:
-    """One pass over the training split; returns per-node training loss/accuracy and per-term means."""
+    """One pass over the training split; returns per-node training loss/accuracy and per-term means.
+
+    Under several processes each takes its shard of every global batch; the sums are reduced at the end."""
     bs = recipe.train.batch_size
     steps = num_batches(len(train_set), bs, shuffled=True)
     order_gen = seeded_generator(recipe.seed, stage_index, epoch, 0)
@@ -160,6 +171,7 @@ def train_epoch(
     ce_sum = {n: torch.zeros((), device=device) for n in stage.train}
     term_sums: dict[str, torch.Tensor] = {}
     seen = 0
+    helper_params = [p for n in stage.train for h in flow.helpers_of(n) for p in h.parameters()]
     bar = Progress(steps, f"{stage.name} {epoch + 1}/{stage.epochs}", progress)
     start = time.perf_counter()
     last_update = 0
@@ -168,15 +180,23 @@ def train_epoch(
         for node, opt in optimizers.items():
             for group in opt.param_groups:
                 group["lr"] = base_lr[node] * factor
+        # the whole global batch is augmented, so every process draws what a single process would
         x = augment_batch(xb, train_set.mean, train_set.std, crop_padding=aug.crop_padding, flip=aug.flip, generator=aug_gen)
+        if dist_info.enabled:
+            part = dist_info.shard(yb.shape[0])
+            x, yb, idx = x[part], yb[part], idx[part]
         if recipe.train.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         out = flow(x, yb, stage, epoch, idx)
         for opt in optimizers.values():
             opt.zero_grad(set_to_none=True)
-        out.total.backward()
+        (scaler.scale(out.total) if scaler else out.total).backward()
+        if dist_info.enabled:
+            average_gradients(helper_params, dist_info.world)
         for opt in optimizers.values():
-            opt.step()
+            scaler.step(opt) if scaler else opt.step()
+        if scaler:
+            scaler.update()
         n = yb.shape[0]
         seen += n
         with torch.no_grad():
@@ -195,6 +215,11 @@ def train_epoch(
             last_update = step + 1
     bar.close()
     elapsed = time.perf_counter() - start
+    if dist_info.enabled:
+        seen_t = torch.tensor(float(seen), device=device)
+        labels = sorted(term_sums)
+        all_reduce_sum([seen_t, sums["total"], *correct.values(), *ce_sum.values(), *(term_sums[k] for k in labels)])
+        seen = int(seen_t.item())
     return {
         "seen": seen,
         "elapsed": elapsed,
@@ -216,6 +241,30 @@ def _check_resumable(out: Path, recipe: Recipe, resume: bool) -> None:
         raise RecipeError(f"--resume: the recipe differs from {out / 'recipe.yaml'}; resume with the run's own recipe")
 
 
+def _write_run_header(out: Path, recipe: Recipe, device: torch.device, resume: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "recipe.yaml", dump_recipe(recipe))
+    env = environment(device, recipe.seed)
+    env_path = out / "environment.json"
+    history = json.loads(env_path.read_text()).get("history", []) if resume and env_path.exists() else []
+    write_text_atomic(env_path, json.dumps({**env, "history": history + [env["started"]]}, indent=2))
+
+
+def _save_last(out: Path, flow: Flow, optimizers: dict, scaler, stage_index: int, epoch: int, best: dict) -> None:
+    save_atomic(
+        {
+            "flow": flow.state_dict(),
+            "optimizers": {n: o.state_dict() for n, o in optimizers.items()},
+            "scaler": scaler.state_dict() if scaler else {},
+            "stage_index": stage_index,
+            "epoch": epoch,
+            "best": json.dumps(best),
+            "rng": rng_state(),
+        },
+        out / "last.pt",
+    )
+
+
 def train(
     recipe: Recipe,
     out_dir: str | Path,
@@ -223,28 +272,30 @@ def train(
     progress: bool | None = None,
     callbacks: list[Callable[[EpochEnd], None]] = (),
     log: Callable[[str], None] = print,
-) -> dict:
-    """Run `recipe` into `out_dir`; returns the summary (per node: params, best and last top-1)."""
+) -> list[dict]:
+    """Run `recipe` into `out_dir`; returns the summary (per node: params, best and last top-1).
+
+    Under torchrun every process calls this; rank 0 alone writes files and logs."""
     out = Path(out_dir)
     _check_resumable(out, recipe, resume)
+    dist_info = init_distributed()
+    if not dist_info.main:
+        progress, log = False, lambda s: None
     if progress is None:
         progress = sys.stderr.isatty()
     seed_everything(recipe.seed)
-    device = pick_device(recipe.device)
+    device = pick_device(recipe.device, dist_info)
     train_set, test_set = load_data(recipe)
     sample = augment_batch(test_set.x[:2], test_set.mean, test_set.std)
     flow = Flow(recipe, train_set.num_classes, train_set.input_shape, sample, num_data=len(train_set)).to(device)
     if recipe.train.channels_last and sample.dim() == 4:
         flow = flow.to(memory_format=torch.channels_last)
+    flow.autocast_dtype = AUTOCAST[recipe.train.precision]
+    scaler = torch.amp.GradScaler(device.type) if recipe.train.precision == "fp16" else None
     train_set, test_set = to_device(train_set, device), to_device(test_set, device)
     stages = flow.stages
-
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "recipe.yaml", dump_recipe(recipe))
-    env = environment(device, recipe.seed)
-    env_path = out / "environment.json"
-    history = json.loads(env_path.read_text()).get("history", []) if resume and env_path.exists() else []
-    write_text_atomic(env_path, json.dumps({**env, "history": history + [env["started"]]}, indent=2))
+    if dist_info.main:
+        _write_run_header(out, recipe, device, resume)
     metrics_path = out / "metrics.jsonl"
 
     stage_index, start_epoch, best = 0, 0, {}
@@ -254,10 +305,13 @@ def train(
         flow.load_state_dict(resumed["flow"])
         stage_index, start_epoch, best = resumed["stage_index"], resumed["epoch"], json.loads(resumed["best"])
         set_rng_state(resumed["rng"])
-        done = [r for r in read_jsonl(metrics_path) if (r["stage_index"], r["epoch"]) <= (stage_index, start_epoch)]
-        write_text_atomic(metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in done))
-        log(f"resuming {out} at stage {stages[stage_index].name!r}, epoch {start_epoch + 1}")
-    elif metrics_path.exists():
+        if scaler and resumed.get("scaler"):
+            scaler.load_state_dict(resumed["scaler"])
+        if dist_info.main:
+            done = [r for r in read_jsonl(metrics_path) if (r["stage_index"], r["epoch"]) <= (stage_index, start_epoch)]
+            write_text_atomic(metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in done))
+        log(f"resuming {out} at stage {stages[min(stage_index, len(stages) - 1)].name!r}, epoch {start_epoch + 1}")
+    elif dist_info.main and metrics_path.exists():
         metrics_path.unlink()
 
     # nodes whose weights are final before a stage starts: checkpointed ones and those trained in earlier stages
@@ -267,6 +321,9 @@ def train(
     for si in range(stage_index, len(stages)):
         stage = stages[si]
         flow.set_stage_modes(stage)
+        if dist_info.enabled:
+            ids = [dist_info.local_rank] if device.type == "cuda" else None
+            flow.runners = {n: DistributedDataParallel(flow.models[n], device_ids=ids) for n in stage.train}
         optimizers = make_optimizers(flow, recipe, stage)
         first = start_epoch if si == stage_index else 0
         if resumed is not None and si == stage_index and first > 0:
@@ -275,15 +332,16 @@ def train(
         if first == 0 and stage.epochs:
             log(f"stage {stage.name!r}: training {', '.join(stage.train)} for {stage.epochs} epochs")
         for epoch in range(first, stage.epochs):
-            stats = train_epoch(flow, recipe, stage, si, epoch, train_set, optimizers, progress)
+            stats = train_epoch(flow, recipe, stage, si, epoch, train_set, optimizers, progress, dist_info, scaler)
             records = []
             for node in stage.train:
-                ev = evaluate(flow.models[node], test_set, recipe.train.eval_batch_size)
+                ev = evaluate(flow.models[node], test_set, recipe.train.eval_batch_size, dist_info)
                 key = f"{si}:{node}"
-                improved = key not in best or ev["test_top1"] > best[key]["top1"]
-                if improved:
+                if key not in best or ev["test_top1"] > best[key]["top1"]:
                     best[key] = {"top1": ev["test_top1"], "epoch": epoch + 1}
-                    save_node(flow, recipe, node, train_set, out / f"best-{node}.pt", epoch=epoch + 1, stage=stage.name, **ev)
+                    if dist_info.main:
+                        path = out / f"best-{node}.pt"
+                        save_node(flow, recipe, node, train_set, path, epoch=epoch + 1, stage=stage.name, **ev)
                 records.append(
                     {
                         "stage": stage.name,
@@ -303,25 +361,18 @@ def train(
                 )
             for name, members in recipe.ensembles.items():
                 if all(m in stage.train or m in ready for m in members):
-                    ev = evaluate_ensemble([flow.models[m] for m in members], test_set, recipe.train.eval_batch_size)
+                    models = [flow.models[m] for m in members]
+                    ev = evaluate_ensemble(models, test_set, recipe.train.eval_batch_size, dist_info)
                     records.append({"stage": stage.name, "stage_index": si, "epoch": epoch + 1, "node": name, "kind": "ensemble", **ev})
             flow.set_stage_modes(stage)  # evaluation switched the nodes to eval mode
-            for r in records:
-                append_jsonl(metrics_path, r)
-            if epoch + 1 in recipe.train.save_epochs:
-                for node in stage.train:
-                    save_node(flow, recipe, node, train_set, out / "nodes" / f"{node}-epoch{epoch + 1}.pt", stage=stage.name, epoch=epoch + 1)
-            save_atomic(
-                {
-                    "flow": flow.state_dict(),
-                    "optimizers": {n: o.state_dict() for n, o in optimizers.items()},
-                    "stage_index": si,
-                    "epoch": epoch + 1,
-                    "best": json.dumps(best),
-                    "rng": rng_state(),
-                },
-                out / "last.pt",
-            )
+            if dist_info.main:
+                for r in records:
+                    append_jsonl(metrics_path, r)
+                if epoch + 1 in recipe.train.save_epochs:
+                    for node in stage.train:
+                        path = out / "nodes" / f"{node}-epoch{epoch + 1}.pt"
+                        save_node(flow, recipe, node, train_set, path, stage=stage.name, epoch=epoch + 1)
+                _save_last(out, flow, optimizers, scaler, si, epoch + 1, best)
             nodes_text = " | ".join(
                 f"{r['node']}: loss {r['train_loss']:.3f} train {r['train_top1']:.2f} test {r['test_top1']:.2f}"
                 if "kind" not in r
@@ -334,16 +385,17 @@ def train(
             )
             for cb in callbacks:
                 cb(EpochEnd(si, stage.name, epoch + 1, records))
-        for node in stage.train:
-            save_node(flow, recipe, node, train_set, out / "nodes" / f"{node}.pt", stage=stage.name)
+        flow.runners = {}
+        if dist_info.main:
+            for node in stage.train:
+                save_node(flow, recipe, node, train_set, out / "nodes" / f"{node}.pt", stage=stage.name)
+            if stage is not stages[-1]:
+                # the next stage starts from here; a resume after this point must not replay this stage
+                _save_last(out, flow, {}, scaler, si + 1, 0, best)
         ready.update(stage.train)
-        if stage is not stages[-1]:
-            # the next stage starts from here; a resume after this point must not replay this stage
-            save_atomic(
-                {"flow": flow.state_dict(), "optimizers": {}, "stage_index": si + 1, "epoch": 0, "best": json.dumps(best), "rng": rng_state()},
-                out / "last.pt",
-            )
 
+    if not dist_info.main:
+        return []
     params = {n: count_parameters(m) for n, m in flow.models.items()}
     summary = summarize(recipe, read_jsonl(metrics_path), params)
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))

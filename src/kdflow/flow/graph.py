@@ -120,6 +120,8 @@ class Flow(nn.Module):
         self.connectors = nn.ModuleDict()  # by transfer index
         self.criterion_modules = nn.ModuleDict()  # by transfer index
         self.num_data = num_data
+        self.runners: dict[str, nn.Module] = {}  # node -> a wrapper to run it through (DDP); not in the state dict
+        self.autocast_dtype: torch.dtype | None = None  # mixed precision for the nodes' forward passes
         self._check_shapes(sample)
 
     def _check_shapes(self, sample: torch.Tensor) -> None:
@@ -206,7 +208,7 @@ class Flow(nn.Module):
             if not self.recipe.is_used(node, stage):
                 continue
             if node in stage.train:
-                out = rec.run(x)
+                out = rec.run(x, self.runners.get(node))
             else:
                 with torch.inference_mode():
                     out = rec.run(x)
@@ -218,8 +220,15 @@ class Flow(nn.Module):
     def forward(
         self, x: torch.Tensor, y: torch.Tensor, stage: StageSpec, epoch: int, indices: torch.Tensor | None = None
     ) -> FlowOutput:
-        """All losses of one batch. `indices` are the samples' positions in the training split."""
-        taps = self.run_nodes(x, stage)
+        """All losses of one batch. `indices` are the samples' positions in the training split.
+
+        With `autocast_dtype` set, the nodes run under autocast and every loss is computed in fp32."""
+        if self.autocast_dtype is None:
+            taps = self.run_nodes(x, stage)
+        else:
+            with torch.autocast(x.device.type, dtype=self.autocast_dtype):
+                taps = self.run_nodes(x, stage)
+            taps = {k: v.float() if v.is_floating_point() else v for k, v in taps.items()}
         out = FlowOutput(total=torch.zeros((), device=x.device))
         for node in stage.train:
             logits = taps[f"{node}.logits"]

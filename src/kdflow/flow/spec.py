@@ -212,6 +212,7 @@ class TrainSpec(Strict):
     schedule: ScheduleSpec = ScheduleSpec()
     channels_last: bool = False  # NHWC memory format for image models; faster for convolutions on some CPUs
     save_epochs: list[int] = []  # also keep nodes/NODE-epochE.pt after these epochs (ESKD's early teachers)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast for the forward passes; losses stay fp32
 
 
 class AugmentSpec(Strict):

@@ -89,11 +89,13 @@ class TapRecorder:
 
         return hook
 
-    def run(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def run(self, x: torch.Tensor, runner: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """Every tap's value for one forward pass of the model, or of `runner` (a wrapper such as DDP
+        around the same model, whose forward calls the model's)."""
         self.values, self.versions = {}, {}
         self.recording = True
         try:
-            output = self.model(x)
+            output = (runner or self.model)(x)
         finally:
             self.recording = False
         values = dict(self.values)

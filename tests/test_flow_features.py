@@ -173,3 +173,20 @@ def test_recipe_files_compose(tmp_path: Path) -> None:
     assert recipe.name == "m" and recipe.train.epochs == 7 and recipe.train.batch_size == 8
     assert recipe.transfers[0].params == {"temperature": 2}
     assert recipe.nodes["teacher"].arch == "convnet_m"
+
+
+def test_bf16_autocast_runs_nodes_in_bf16_and_losses_in_fp32(kd_raw: dict, tmp_path: Path) -> None:
+    flow = build(kd_raw)
+    flow.autocast_dtype = torch.bfloat16
+    stage = flow.stages[0]
+    flow.set_stage_modes(stage)
+    seen = []
+    flow.models["student"].fc.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    x, y = batch()
+    out = flow(x, y, stage, 0)
+    assert seen == [torch.bfloat16] and out.total.dtype == torch.float32
+    assert all(v.dtype == torch.float32 for v in out.terms.values())
+    kd_raw["train"]["precision"] = "bf16"
+    kd_raw["train"]["epochs"] = 1
+    summary = train(resolve(kd_raw), tmp_path / "run", progress=False, log=lambda s: None)
+    assert summary[0]["node"] == "student"

@@ -54,3 +54,15 @@ def make_cifar10(parent: Path) -> Path:
     dump(d / "test_batch", {b"data": cifar_rows(3, 9), b"labels": [7, 8, 9]})
     dump(d / "batches.meta", {b"label_names": [b"c%d" % i for i in range(10)], b"num_vis": 3072})
     return d
+
+
+def make_cifar100(parent: Path, n_train: int = 128, n_test: int = 64, seed: int = 0) -> Path:
+    """A small `cifar-100-python/` directory (train, test, meta) with random images and labels."""
+    d = parent / "cifar-100-python"
+    d.mkdir()
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        fine = rng.integers(0, 100, size=n).tolist()
+        dump(d / split, {b"data": cifar_rows(n, seed + n), b"fine_labels": fine, b"coarse_labels": [f // 5 for f in fine]})
+    dump(d / "meta", {b"fine_label_names": [b"f%d" % i for i in range(100)], b"coarse_label_names": [b"c%d" % i for i in range(20)]})
+    return d

@@ -16,7 +16,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from kdflow.flow import load_recipe
 
     recipe = load_recipe(args.recipe, args.set)
-    out = Path(args.out) if args.out else Path("runs") / recipe.name
+    # composed recipes (protocol + pair + method) are named by their files, so each combination has its own folder
+    default = recipe.name if len(args.recipe) == 1 else "+".join(Path(p).stem for p in args.recipe if Path(p).stem != "protocol")
+    out = Path(args.out) if args.out else Path("runs") / default
     try:
         train(recipe, out, resume=args.resume, progress=None if not args.no_progress else False)
     finally:
@@ -24,6 +26,62 @@ def cmd_train(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"run directory: {out}")
+    return 0
+
+
+def cmd_teacher_train(args: argparse.Namespace) -> int:
+    from kdflow.engine import train
+    from kdflow.flow import load_recipe
+    from kdflow.teachers import register_teacher, registry_path
+
+    if args.recipe:
+        files = [Path(args.recipe)]
+    else:  # the data set's protocol, then its teacher file
+        files = [p for p in (Path(f"recipes/{args.data}/protocol.yaml"), Path(f"recipes/{args.data}/teacher.yaml")) if p.exists()]
+        if not files:
+            raise RecipeError(f"no recipes/{args.data}/teacher.yaml here; run from the repository root or pass --recipe")
+    recipe = load_recipe(files, [f"nodes.teacher.arch={args.arch}", f"data.name={args.data}", *args.set])
+    key = args.key or f"{args.data}-{args.arch}" + (f"-seed{recipe.seed}" if recipe.seed else "")
+    out = Path(args.out) if args.out else Path("runs") / "teachers" / key
+    summary = train(recipe, out, resume=args.resume, progress=None if not args.no_progress else False)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    top1 = summary[-1]["last_top1"] if summary else None  # None: trained for 0 epochs
+    entry = register_teacher(key, out / "nodes" / "teacher.pt", args.arch, args.data, out / "recipe.yaml", top1)
+    shown = f"{top1:.2f}" if top1 is not None else "untrained"
+    print(f"registered teacher {key!r} in {registry_path()}: top-1 {shown}, sha256 {entry['sha256'][:12]}…")
+    print(f"use it in a recipe as   checkpoint: registry:{key}")
+    return 0
+
+
+def cmd_teacher_list(args: argparse.Namespace) -> int:
+    from kdflow.teachers import read_registry, registry_path
+
+    entries = read_registry()
+    if not entries:
+        print(f"no teachers registered in {registry_path()}")
+    for key, e in sorted(entries.items()):
+        top1 = f"{e['top1']:6.2f}" if e["top1"] is not None else "     -"
+        print(f"{key:<28} {e['arch']:<14} {e['data']:<14} top-1 {top1}  sha256 {e['sha256'][:12]}  {e['checkpoint']}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from kdflow.models import MODELS, build_model, count_parameters
+    from kdflow.models.flops import count_flops, stage_shapes
+
+    shape = tuple(int(v) for v in args.input.split("x"))
+    print(f"{'arch':<22} {'params':>12} {'MACs':>10}  stages at {args.input} (C×H×W after each)")
+    for name in sorted(MODELS):
+        try:
+            model = build_model(name, args.classes, shape)
+            flops = count_flops(model, shape)
+            stages = stage_shapes(model, shape) if getattr(model, "tap_names", None) else {}
+        except Exception as e:  # a model that does not take this input size
+            print(f"{name:<22} (not for {args.input}: {type(e).__name__})")
+            continue
+        shown = "  ".join(f"{k} {'×'.join(map(str, v))}" for k, v in stages.items() if not k.endswith("_pre"))
+        print(f"{name:<22} {count_parameters(model):>12,} {flops / 1e6:>9.1f}M  {shown}")
     return 0
 
 
@@ -103,6 +161,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--root", help="dataset folder")
     e.add_argument("--device", default="auto")
     e.set_defaults(fn=cmd_eval)
+
+    tp = sub.add_parser("teacher", help="train and register teachers").add_subparsers(dest="teacher_command", required=True)
+    tt = tp.add_parser("train", help="train a teacher with the data set's standard recipe and register it")
+    tt.add_argument("arch")
+    tt.add_argument("--data", required=True, help="data set name (recipes/DATA/protocol.yaml + teacher.yaml)")
+    tt.add_argument("--recipe", help="teacher recipe to use instead of recipes/DATA/teacher.yaml")
+    tt.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", nargs="+")
+    tt.add_argument("--key", help="registry key (default DATA-ARCH)")
+    tt.add_argument("--out")
+    tt.add_argument("--resume", action="store_true")
+    tt.add_argument("--no-progress", action="store_true")
+    tt.set_defaults(fn=cmd_teacher_train)
+    tl = tp.add_parser("list", help="list registered teachers")
+    tl.set_defaults(fn=cmd_teacher_list)
+
+    mo = sub.add_parser("models", help="list the model zoo: parameters, MACs and stage shapes")
+    mo.add_argument("--input", default="3x32x32", help="input shape C×H×W as 3x32x32 (default)")
+    mo.add_argument("--classes", type=int, default=100)
+    mo.set_defaults(fn=cmd_models)
 
     m = sub.add_parser("methods", help="list the methods")
     m.set_defaults(fn=cmd_methods)

@@ -62,6 +62,9 @@ def _seeded_build(recipe: Recipe, name: str, index: int, num_classes: int, input
 
 
 def load_node_checkpoint(model: nn.Module, name: str, spec_arch: str, path: str) -> None:
+    from kdflow.teachers import resolve_checkpoint
+
+    path = resolve_checkpoint(path, f"nodes.{name}.checkpoint")
     try:
         ckpt = read_model_file(path)
     except (FileNotFoundError, ValueError) as e:

@@ -6,6 +6,8 @@ from kdflow.models import (  # noqa: F401
     cifar_shufflenet,
     cifar_vgg,
     cifar_wrn,
+    imagenet_mobilenet,
+    imagenet_resnet,
     small,
 )
 from kdflow.models.registry import MODELS, build_model, count_parameters, register_model

@@ -1,0 +1,178 @@
+"""The ImageNet-style folder source on a tiny generated folder: scan, val/train decoding, errors, subsets."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kdflow.data import DATASETS, DatasetError, load_dataset
+from kdflow.data.folder import ImageFolderSource, random_resized_crop_params
+
+S = 16  # a small output size keeps decoding cheap; val resizes the short side to round(16·256/224) = 18
+
+# (class, file, (width, height), mode) — PNG and JPEG, odd sizes, a grey and an RGBA image
+TRAIN = [
+    ("cat", "a.png", (40, 30), "RGB"),
+    ("cat", "b.jpg", (30, 50), "RGB"),
+    ("cat", "nested/c.PNG", (25, 25), "L"),
+    ("dog", "d.jpeg", (64, 20), "RGB"),
+    ("dog", "e.png", (33, 47), "RGBA"),
+    ("eel", "f.JPEG", (50, 50), "RGB"),
+    ("eel", "g.png", (20, 90), "RGB"),
+]
+VAL = [
+    ("cat", "v1.png", (45, 35), "RGB"),
+    ("dog", "v2.jpg", (30, 60), "RGB"),
+    ("dog", "v3.png", (18, 18), "RGB"),
+]
+
+
+def _write(path: Path, size: tuple[int, int], mode: str, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    arr = np.random.default_rng(seed).integers(0, 256, size=(h, w, channels), dtype=np.uint8)
+    Image.fromarray(arr[..., 0] if mode == "L" else arr, mode).save(path)
+
+
+def make_folder(root: Path, train=TRAIN, val=VAL) -> Path:
+    for seed, (cls, name, size, mode) in enumerate(train):
+        _write(root / "train" / cls / name, size, mode, seed)
+    for seed, (cls, name, size, mode) in enumerate(val, start=100):
+        _write(root / "val" / cls / name, size, mode, seed)
+    (root / "train" / "cat" / "notes.txt").write_text("not an image")
+    return root
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    return make_folder(tmp_path / "imgs")
+
+
+def _manual_val(path: Path, size: int) -> torch.Tensor:
+    """Resize(round(size·256/224)) on the short side + CenterCrop(size), written out with Pillow."""
+    img = Image.open(path).convert("RGB")
+    short = round(size * 256 / 224)
+    w, h = img.size
+    new = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    img = img.resize(new, Image.BILINEAR)
+    left, top = round((new[0] - size) / 2), round((new[1] - size) / 2)
+    img = img.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)
+
+
+def test_classes_labels_and_dataset(folder: Path) -> None:
+    assert "image_folder" in DATASETS
+    ds = load_dataset("image_folder", "train", root=str(folder), image_size=S)
+    src = ds.x
+    assert isinstance(src, ImageFolderSource) and not isinstance(src, torch.Tensor)
+    assert src.classes == ["cat", "dog", "eel"]
+    assert len(src) == len(ds) == 7  # notes.txt is skipped, nested/c.PNG is found
+    assert [Path(p).name for p in src.paths] == ["a.png", "b.jpg", "c.PNG", "d.jpeg", "e.png", "f.JPEG", "g.png"]
+    assert src.labels.dtype == torch.int64 and src.labels.tolist() == [0, 0, 0, 1, 1, 2, 2]
+    assert torch.equal(ds.y, src.labels)
+    assert ds.num_classes == 3 and ds.input_shape == (3, S, S)
+    assert ds.mean == (0.485, 0.456, 0.406) and ds.std == (0.229, 0.224, 0.225)
+    test = load_dataset("image_folder", "test", root=str(folder), image_size=S)
+    assert test.x.classes == src.classes and test.num_classes == 3  # classes come from train
+    assert test.y.tolist() == [0, 1, 1]
+
+
+def test_val_is_resize_and_center_crop(folder: Path) -> None:
+    src = ImageFolderSource(folder, "val", image_size=S)
+    batch = src.load([0, 1, 2])
+    assert batch.dtype == torch.uint8 and batch.shape == (3, 3, S, S)
+    assert torch.equal(batch, src.load([0, 1, 2], torch.Generator().manual_seed(1)))  # deterministic
+    for k in range(3):
+        assert torch.equal(batch[k], _manual_val(Path(src.paths[k]), S))
+    # the default 224: Resize(256) + CenterCrop(224)
+    big = ImageFolderSource(folder, "val")
+    assert big.image_size == 224
+    one = big.load([1])
+    assert one.shape == (1, 3, 224, 224) and torch.equal(one[0], _manual_val(Path(big.paths[1]), 224))
+
+
+def test_train_random_resized_crop_is_seeded(folder: Path) -> None:
+    src = ImageFolderSource(folder, "train", image_size=S)
+    idx = list(range(len(src)))
+    a = src.load(idx, torch.Generator().manual_seed(5))
+    b = src.load(idx, torch.Generator().manual_seed(5))
+    c = src.load(idx, torch.Generator().manual_seed(6))
+    assert a.dtype == torch.uint8 and a.shape == (7, 3, S, S)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # the documented draw order: one seed per sample, then that sample's crop from its own generator
+    seeds = torch.randint(0, 2**62, (len(idx),), generator=torch.Generator().manual_seed(5)).tolist()
+    for k in (2, 4):  # the grey and the RGBA image come out as RGB
+        img = Image.open(src.paths[k]).convert("RGB")
+        top, left, h, w = random_resized_crop_params(img.width, img.height, torch.Generator().manual_seed(seeds[k]))
+        want = img.crop((left, top, left + w, top + h)).resize((S, S), Image.BILINEAR)
+        assert torch.equal(a[k], torch.from_numpy(np.array(want)).permute(2, 0, 1))
+
+
+def test_random_resized_crop_params() -> None:
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        top, left, h, w = random_resized_crop_params(120, 80, g)
+        assert 0 <= top and top + h <= 80 and 0 <= left and left + w <= 120
+        assert 0.07 * 120 * 80 <= h * w <= 120 * 80
+        assert 3 / 4 - 0.1 <= w / h <= 4 / 3 + 0.1
+    # every attempt misses on a 1000×10 strip at scale ≥ 0.9: the central crop, ratio clamped to 4/3
+    assert random_resized_crop_params(1000, 10, g, scale=(0.9, 1.0)) == (0, (1000 - 13) // 2, 10, 13)
+    assert random_resized_crop_params(10, 1000, g, scale=(0.9, 1.0)) == ((1000 - 13) // 2, 0, 13, 10)
+
+
+def test_subset_keeps_labels(folder: Path) -> None:
+    src = ImageFolderSource(folder, "train", image_size=S)
+    sub = src.subset([5, 0, 3])
+    assert isinstance(sub, ImageFolderSource) and len(sub) == 3
+    assert sub.labels.tolist() == [2, 0, 1] and sub.classes == src.classes
+    assert sub.paths == [src.paths[5], src.paths[0], src.paths[3]]
+    assert len(src) == 7  # the original is untouched
+    val = ImageFolderSource(folder, "val", image_size=S)
+    assert torch.equal(val.subset(torch.tensor([2])).load([0]), val.load([2]))
+    with pytest.raises(IndexError):
+        src.load([7])
+
+
+def _expect_error(root: Path, split: str, *fragments: str) -> None:
+    with pytest.raises(DatasetError) as err:
+        load_dataset("image_folder", split, root=str(root), image_size=S)
+    message = str(err.value)
+    for fragment in (*fragments, "expected layout"):
+        assert fragment in message, message
+
+
+def test_bad_layouts(tmp_path: Path) -> None:
+    _expect_error(tmp_path / "nowhere", "train", str(tmp_path / "nowhere"))
+    (tmp_path / "no_train").mkdir()
+    _expect_error(tmp_path / "no_train", "train", str(tmp_path / "no_train" / "train"))
+    only_train = make_folder(tmp_path / "only_train", val=[])
+    _expect_error(only_train, "test", str(only_train / "val"))
+    # a val class that train does not have is named
+    stray = make_folder(tmp_path / "stray", val=VAL + [("fox", "x.png", (20, 20), "RGB")])
+    _expect_error(stray, "test", str(stray / "val" / "fox"))
+    # no images at all (class folders holding other files only)
+    empty = tmp_path / "empty"
+    (empty / "train" / "cat").mkdir(parents=True)
+    (empty / "train" / "cat" / "readme.txt").write_text("x")
+    _expect_error(empty, "train", "no images", str(empty / "train"))
+    # a flat split folder (images without class folders)
+    flat = make_folder(tmp_path / "flat", val=[])
+    (flat / "val").mkdir()
+    _write(flat / "val" / "ILSVRC_val_1.jpg", (20, 20), "RGB", 0)
+    _expect_error(flat, "test", str(flat / "val"), "ILSVRC_val_1.jpg")
+    with pytest.raises(DatasetError, match="image_size"):
+        ImageFolderSource(only_train, "train", image_size=0)
+
+
+def test_root_from_env_and_undecodable_file(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KDFLOW_IMAGE_FOLDER", str(folder))
+    assert len(load_dataset("image_folder", "test", image_size=S)) == 3
+    bad = folder / "train" / "eel" / "h.png"
+    bad.write_bytes(b"not a png")
+    src = ImageFolderSource(folder, "train", image_size=S)
+    with pytest.raises(DatasetError, match="h.png"):
+        src.load([len(src) - 1], torch.Generator().manual_seed(0))

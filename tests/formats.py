@@ -7,6 +7,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 
 def write_idx(path: Path, array: np.ndarray, magic: int | None = None, compress: bool = True) -> None:
@@ -66,3 +67,37 @@ def make_cifar100(parent: Path, n_train: int = 128, n_test: int = 64, seed: int 
         dump(d / split, {b"data": cifar_rows(n, seed + n), b"fine_labels": fine, b"coarse_labels": [f // 5 for f in fine]})
     dump(d / "meta", {b"fine_label_names": [b"f%d" % i for i in range(100)], b"coarse_label_names": [b"c%d" % i for i in range(20)]})
     return d
+
+
+# (class, file, (width, height), mode) — PNG and JPEG, odd sizes, a grey and an RGBA image
+TRAIN = [
+    ("cat", "a.png", (40, 30), "RGB"),
+    ("cat", "b.jpg", (30, 50), "RGB"),
+    ("cat", "nested/c.PNG", (25, 25), "L"),
+    ("dog", "d.jpeg", (64, 20), "RGB"),
+    ("dog", "e.png", (33, 47), "RGBA"),
+    ("eel", "f.JPEG", (50, 50), "RGB"),
+    ("eel", "g.png", (20, 90), "RGB"),
+]
+VAL = [
+    ("cat", "v1.png", (45, 35), "RGB"),
+    ("dog", "v2.jpg", (30, 60), "RGB"),
+    ("dog", "v3.png", (18, 18), "RGB"),
+]
+
+
+def write_image(path: Path, size: tuple[int, int], mode: str, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    arr = np.random.default_rng(seed).integers(0, 256, size=(h, w, channels), dtype=np.uint8)
+    Image.fromarray(arr[..., 0] if mode == "L" else arr, mode).save(path)
+
+
+def make_folder(root: Path, train=TRAIN, val=VAL) -> Path:
+    for seed, (cls, name, size, mode) in enumerate(train):
+        write_image(root / "train" / cls / name, size, mode, seed)
+    for seed, (cls, name, size, mode) in enumerate(val, start=100):
+        write_image(root / "val" / cls / name, size, mode, seed)
+    (root / "train" / "cat" / "notes.txt").write_text("not an image")
+    return root

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from formats import make_cifar10, make_idx_dir
+from formats import make_cifar10, make_folder, make_idx_dir
 from kdflow.checkpoint import read_model_file
 from kdflow.cli import main
 
@@ -18,7 +18,7 @@ def run_cli(capsys, *argv: str) -> str:
     return out.out
 
 
-@pytest.mark.parametrize("dataset", ["fashion_mnist", "cifar10", "mnist1d", "synthetic"])
+@pytest.mark.parametrize("dataset", ["fashion_mnist", "cifar10", "mnist1d", "synthetic", "image_folder"])
 def test_teacher_then_kd_student_on_each_format(dataset: str, tmp_path: Path, capsys) -> None:
     data: dict = {"name": dataset}
     if dataset == "fashion_mnist":
@@ -30,6 +30,9 @@ def test_teacher_then_kd_student_on_each_format(dataset: str, tmp_path: Path, ca
         data.update(root=str(tmp_path), augment={"crop_padding": 4, "flip": True})
     elif dataset == "mnist1d":
         data.update(limit=200, test_limit=100)
+    elif dataset == "image_folder":
+        make_folder(tmp_path / "images")
+        data.update(root=str(tmp_path / "images"), options={"image_size": 16}, augment={"flip": True})
     recipe = {
         "name": f"e2e-{dataset}",
         "data": data,
@@ -37,7 +40,7 @@ def test_teacher_then_kd_student_on_each_format(dataset: str, tmp_path: Path, ca
         "method": "kd",
         "supervise": {"teacher": 1.0},
         "stages": [{"name": "teacher", "train": ["teacher"]}, {"name": "student", "train": ["student"]}],
-        "train": {"epochs": 1, "batch_size": 4 if dataset in ("fashion_mnist", "cifar10") else 64},
+        "train": {"epochs": 1, "batch_size": 4 if dataset in ("fashion_mnist", "cifar10", "image_folder") else 64},
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))

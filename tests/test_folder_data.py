@@ -8,44 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
+from formats import VAL, make_folder, write_image
 from kdflow.data import DATASETS, DatasetError, load_dataset
 from kdflow.data.folder import ImageFolderSource, random_resized_crop_params
 
 S = 16  # a small output size keeps decoding cheap; val resizes the short side to round(16·256/224) = 18
-
-# (class, file, (width, height), mode) — PNG and JPEG, odd sizes, a grey and an RGBA image
-TRAIN = [
-    ("cat", "a.png", (40, 30), "RGB"),
-    ("cat", "b.jpg", (30, 50), "RGB"),
-    ("cat", "nested/c.PNG", (25, 25), "L"),
-    ("dog", "d.jpeg", (64, 20), "RGB"),
-    ("dog", "e.png", (33, 47), "RGBA"),
-    ("eel", "f.JPEG", (50, 50), "RGB"),
-    ("eel", "g.png", (20, 90), "RGB"),
-]
-VAL = [
-    ("cat", "v1.png", (45, 35), "RGB"),
-    ("dog", "v2.jpg", (30, 60), "RGB"),
-    ("dog", "v3.png", (18, 18), "RGB"),
-]
-
-
-def _write(path: Path, size: tuple[int, int], mode: str, seed: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    w, h = size
-    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
-    arr = np.random.default_rng(seed).integers(0, 256, size=(h, w, channels), dtype=np.uint8)
-    Image.fromarray(arr[..., 0] if mode == "L" else arr, mode).save(path)
-
-
-def make_folder(root: Path, train=TRAIN, val=VAL) -> Path:
-    for seed, (cls, name, size, mode) in enumerate(train):
-        _write(root / "train" / cls / name, size, mode, seed)
-    for seed, (cls, name, size, mode) in enumerate(val, start=100):
-        _write(root / "val" / cls / name, size, mode, seed)
-    (root / "train" / "cat" / "notes.txt").write_text("not an image")
-    return root
-
 
 @pytest.fixture
 def folder(tmp_path: Path) -> Path:
@@ -162,7 +129,7 @@ def test_bad_layouts(tmp_path: Path) -> None:
     # a flat split folder (images without class folders)
     flat = make_folder(tmp_path / "flat", val=[])
     (flat / "val").mkdir()
-    _write(flat / "val" / "ILSVRC_val_1.jpg", (20, 20), "RGB", 0)
+    write_image(flat / "val" / "ILSVRC_val_1.jpg", (20, 20), "RGB", 0)
     _expect_error(flat, "test", str(flat / "val"), "ILSVRC_val_1.jpg")
     with pytest.raises(DatasetError, match="image_size"):
         ImageFolderSource(only_train, "train", image_size=0)

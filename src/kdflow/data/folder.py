@@ -237,25 +237,25 @@ class ImageFolderSource:
         torch's global generator when None) or resize + centre crop (val; `generator` is not used)."""
         idx = self._indices(indices)
         size = self.image_size
-        out = torch.empty((len(idx), 3, size, size), dtype=torch.uint8)
         if not idx:
-            return out
+            return torch.empty((0, 3, size, size), dtype=torch.uint8)
         if self.train:
             seeds: list[int | None] = torch.randint(0, 2**62, (len(idx),), generator=generator).tolist()
         else:
             seeds = [None] * len(idx)
 
-        def work(k: int) -> None:
-            out[k].copy_(self._decode(self.paths[idx[k]], seeds[k]))
+        def work(k: int) -> torch.Tensor:
+            return self._decode(self.paths[idx[k]], seeds[k])
 
         threads = min(decode_threads(), len(idx))
         if threads == 1:
-            for k in range(len(idx)):
-                work(k)
+            images = [work(k) for k in range(len(idx))]
         else:
+            # workers only decode; the batch is assembled here, in the caller's thread (and its
+            # inference mode, which is per thread)
             with ThreadPoolExecutor(max_workers=threads) as pool:
-                list(pool.map(work, range(len(idx))))  # list() re-raises a worker's exception
-        return out
+                images = list(pool.map(work, range(len(idx))))  # list() re-raises a worker's exception
+        return torch.stack(images)
 
 
 @register_dataset("image_folder")

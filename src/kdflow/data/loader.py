@@ -17,31 +17,50 @@ def seeded_generator(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def select(ds: ArrayDataset, idx: torch.Tensor) -> ArrayDataset:
+    """The samples at `idx`. In-memory data is indexed; a lazy source (image folders) gives a view."""
+    idx = idx.to(ds.y.device)
+    x = ds.x[idx] if isinstance(ds.x, torch.Tensor) else ds.x.subset(idx.tolist())
+    return replace(ds, x=x, y=ds.y[idx])
+
+
 def subset(ds: ArrayDataset, n: int | None, seed: int) -> ArrayDataset:
     """A seeded random subset of `n` samples (all of them when n is None or ≥ len)."""
     if n is None or n >= len(ds):
         return ds
-    idx = torch.randperm(len(ds), generator=seeded_generator(seed, 7))[:n]
-    return replace(ds, x=ds.x[idx], y=ds.y[idx])
+    return select(ds, torch.randperm(len(ds), generator=seeded_generator(seed, 7))[:n])
 
 
 def to_device(ds: ArrayDataset, device: torch.device) -> ArrayDataset:
-    return replace(ds, x=ds.x.to(device), y=ds.y.to(device))
+    """Move in-memory data to `device`; a lazy source stays on disk and its batches move when loaded."""
+    x = ds.x.to(device) if isinstance(ds.x, torch.Tensor) else ds.x
+    return replace(ds, x=x, y=ds.y.to(device))
+
+
+def load_inputs(ds: ArrayDataset, idx: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The inputs at `idx`: indexed from memory, or decoded by a lazy source (its random crops drawn from
+    `generator`)."""
+    if isinstance(ds.x, torch.Tensor):
+        return ds.x[idx]
+    return ds.x.load(idx.tolist(), generator).to(ds.y.device)
 
 
 def batches(
-    ds: ArrayDataset, batch_size: int, generator: torch.Generator | None = None
+    ds: ArrayDataset,
+    batch_size: int,
+    generator: torch.Generator | None = None,
+    load_generator: torch.Generator | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(x, y, sample indices) batches; shuffled by `generator` when given. A trailing batch of one is dropped
-    (batch norm cannot train on it)."""
+    (batch norm cannot train on it). `load_generator` drives a lazy source's random crops."""
     n = len(ds)
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    order = order.to(ds.x.device)
+    order = order.to(ds.y.device)
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
         if generator is not None and idx.numel() < 2:
             break
-        yield ds.x[idx], ds.y[idx], idx
+        yield load_inputs(ds, idx, load_generator), ds.y[idx], idx
 
 
 def num_batches(n: int, batch_size: int, shuffled: bool) -> int:

@@ -1,15 +1,13 @@
 """Evaluation: loss, top-1 and top-5 of one model on a split, batch by batch."""
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from kdflow.data.augment import augment_batch
 from kdflow.data.base import ArrayDataset
-from kdflow.data.loader import batches
+from kdflow.data.loader import batches, select
 from kdflow.engine.distributed import DistInfo, all_reduce_sum
 from kdflow.flow.taps import model_logits
 
@@ -32,11 +30,11 @@ def evaluate_ensemble(
     Under several processes each evaluates every world-th sample and the sums are reduced."""
     n = len(ds)
     if dist_info.enabled:
-        ds = replace(ds, x=ds.x[dist_info.rank :: dist_info.world], y=ds.y[dist_info.rank :: dist_info.world])
+        ds = select(ds, torch.arange(dist_info.rank, n, dist_info.world))
     was_training = [m.training for m in models]
     for m in models:
         m.eval()
-    device = ds.x.device
+    device = ds.y.device
     loss = torch.zeros((), dtype=torch.float64, device=device)
     top1 = torch.zeros((), dtype=torch.long, device=device)
     top5 = torch.zeros((), dtype=torch.long, device=device)

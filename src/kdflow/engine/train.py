@@ -26,7 +26,7 @@ from kdflow.checkpoint import load_safe, model_file, save_atomic
 from kdflow.data import ArrayDataset, load_dataset
 from kdflow.data.augment import augment_batch
 from kdflow.data.base import DatasetError
-from kdflow.data.loader import batches, num_batches, seeded_generator, subset, to_device
+from kdflow.data.loader import batches, load_inputs, num_batches, seeded_generator, subset, to_device
 from kdflow.engine.distributed import DistInfo, all_reduce_sum, average_gradients, init_distributed
 from kdflow.engine.evaluate import evaluate, evaluate_ensemble, topk_correct
 from kdflow.engine.report import summarize, summary_table
@@ -165,7 +165,7 @@ def train_epoch(
     aug_gen = seeded_generator(recipe.seed, stage_index, epoch, 1)
     aug = recipe.data.augment
     base_lr = {n: node_optim(recipe, n).lr for n in stage.train}
-    device = train_set.x.device
+    device = train_set.y.device
     sums = {"total": torch.zeros((), device=device)}
     correct = {n: torch.zeros((), dtype=torch.long, device=device) for n in stage.train}
     ce_sum = {n: torch.zeros((), device=device) for n in stage.train}
@@ -175,7 +175,7 @@ def train_epoch(
     bar = Progress(steps, f"{stage.name} {epoch + 1}/{stage.epochs}", progress)
     start = time.perf_counter()
     last_update = 0
-    for step, (xb, yb, idx) in enumerate(batches(train_set, bs, order_gen)):
+    for step, (xb, yb, idx) in enumerate(batches(train_set, bs, order_gen, aug_gen)):
         factor = lr_factor(recipe.train.schedule, epoch + (step + 1) / steps, stage.epochs)
         for node, opt in optimizers.items():
             for group in opt.param_groups:
@@ -286,7 +286,7 @@ def train(
     seed_everything(recipe.seed)
     device = pick_device(recipe.device, dist_info)
     train_set, test_set = load_data(recipe)
-    sample = augment_batch(test_set.x[:2], test_set.mean, test_set.std)
+    sample = augment_batch(load_inputs(test_set, torch.arange(2)), test_set.mean, test_set.std)
     flow = Flow(recipe, train_set.num_classes, train_set.input_shape, sample, num_data=len(train_set)).to(device)
     if recipe.train.channels_last and sample.dim() == 4:
         flow = flow.to(memory_format=torch.channels_last)

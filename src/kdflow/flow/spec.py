@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from kdflow.flow import criteria_builtin, criteria_modules  # noqa: F401  (fill the registry)
+from kdflow.flow import criteria_bss, criteria_builtin, criteria_features, criteria_modules  # noqa: F401  (fill the registry)
 from kdflow.flow.criteria import CRITERIA
 
 
@@ -57,6 +57,9 @@ class NodeOptim(Strict):
 
 
 class NodeSpec(Strict):
+    """A model in the graph. A node with a checkpoint and no role is frozen (a pretrained teacher);
+    say `role: trainable` to fine-tune from a checkpoint."""
+
     arch: str
     same_as: str | None = None  # copy `arch` and `args` from that node (SLKD's SL-Ts, Born-Again generations)
     role: Literal["frozen", "trainable"] = "trainable"
@@ -64,6 +67,13 @@ class NodeSpec(Strict):
     args: dict[str, Any] = {}
     init_seed: int | None = None  # two nodes with the same arch and init_seed start equal
     optim: NodeOptim | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _checkpointed_is_frozen(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("checkpoint") and "role" not in data:
+            return {**data, "role": "frozen"}
+        return data
 
 
 class FuseSpec(Strict):

@@ -31,6 +31,14 @@ def ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), target)
 
 
+def tfkd_reg_ce(
+    student_logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.1, correct_prob: float = 0.99, temperature: float = 20.0
+) -> torch.Tensor:
+    """Tf-KD_reg's whole student loss (Yuan et al. 2020): (1 − α)·CE(z, y) + α·`losses.tfkd_reg`(z, y, a, τ)."""
+    return (1.0 - alpha) * ce(student_logits, target) + alpha * losses.tfkd_reg(student_logits, target, correct_prob, temperature)
+
+
 register_supervision("ce", ce)
+register_supervision("tfkd_reg_ce", tfkd_reg_ce)
 register_supervision("label_smoothing", losses.label_smoothing)
 register_supervision("tfkd_reg", losses.tfkd_reg)

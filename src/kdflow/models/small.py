@@ -2,6 +2,10 @@
 
 Every model names its parts the same way, so taps are stable:
 ``stem``, ``stage1``..``stageN`` (each stage ends in its ReLU), ``pool`` and ``fc``.
+The ConvNet also publishes ``stage1_pre``..``stageN_pre`` in ``tap_names``: the value just
+before a stage's last ReLU (the output of its last batch norm; ``relu(stageK_pre) == stageK``),
+which the pre-activation methods (AB, OFD, ReviewKD's teacher side) tap. That last ReLU is
+not in-place so the captured pre-activation survives, as in the CIFAR zoo.
 Channel widths are multiples of 8, which the CPU convolution kernels prefer.
 The pooled embedding is the input of ``fc``.
 """
@@ -13,10 +17,10 @@ import torch.nn as nn
 from kdflow.models.registry import register_model
 
 
-def _conv_bn_relu(cin: int, cout: int, dims: int) -> list[nn.Module]:
+def _conv_bn_relu(cin: int, cout: int, dims: int, inplace: bool = True) -> list[nn.Module]:
     conv = nn.Conv2d if dims == 2 else nn.Conv1d
     bn = nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d
-    return [conv(cin, cout, 3, padding=1, bias=False), bn(cout), nn.ReLU(inplace=True)]
+    return [conv(cin, cout, 3, padding=1, bias=False), bn(cout), nn.ReLU(inplace=inplace)]
 
 
 class ConvNet(nn.Module):
@@ -34,12 +38,14 @@ class ConvNet(nn.Module):
         pool = nn.MaxPool2d if dims == 2 else nn.MaxPool1d
         self.stem = nn.Sequential(*_conv_bn_relu(input_shape[0], widths[0], dims))
         cin = widths[0]
+        self.tap_names: dict[str, str] = {}
         for i, w in enumerate(widths[1:], start=1):
             layers: list[nn.Module] = [pool(2)]
-            for _ in range(depth):
-                layers += _conv_bn_relu(cin, w, dims)
+            for j in range(depth):
+                layers += _conv_bn_relu(cin, w, dims, inplace=j < depth - 1)
                 cin = w
             self.add_module(f"stage{i}", nn.Sequential(*layers))
+            self.tap_names[f"stage{i}_pre"] = f"stage{i}.{len(layers) - 2}"  # the last batch norm
         self.stages = len(widths) - 1
         self.pool = nn.AdaptiveAvgPool2d(1) if dims == 2 else nn.AdaptiveAvgPool1d(1)
         self.fc = nn.Linear(cin, num_classes)

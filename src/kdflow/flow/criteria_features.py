@@ -1,0 +1,224 @@
+"""Feature criteria whose helpers need more than the tap shapes: OFD, FT and ReviewKD.
+
+Each factory builds an nn.Module at flow build time; the module belongs to the target node
+(the student): it joins that node's optimizer and checkpoint.
+
+- ``ofd``: the student connector (1×1 conv + BN) and the per-channel margin, a buffer computed
+  once from the teacher's batch norm that produces the tapped pre-ReLU value.
+- ``ft``: the paraphraser (on the teacher's feature) and the translator (on the student's);
+  in the paraphraser's stage it trains the paraphraser by reconstruction, elsewhere it
+  compares the factors with the paraphraser frozen.
+- ``reviewkd`` (grouped): the attention-based fusion of the student's stages and the
+  hierarchical context loss against the teacher's stages.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from kdflow import losses
+from kdflow.flow.criteria import BuildInfo, register_criterion
+
+_BatchNorm = nn.modules.batchnorm._BatchNorm
+
+
+# ---------------------------------------------------------------------------------------
+# OFD
+# ---------------------------------------------------------------------------------------
+
+
+def batch_norm_before(model: nn.Module, module_name: str) -> tuple[str, nn.Module]:
+    """The batch norm that produces the pre-ReLU value of module `module_name`: the module itself
+    if it is a batch norm, else the last batch norm among its parent block's direct children
+    registered before it (a batch norm inside a shortcut branch is not the main path's)."""
+    modules = dict(model.named_modules())
+    tapped = modules[module_name]
+    if isinstance(tapped, _BatchNorm):
+        return module_name, tapped
+    parent_name = module_name.rpartition(".")[0]
+    parent = modules[parent_name] if parent_name else model
+    found: tuple[str, nn.Module] | None = None
+    for name, child in parent.named_children():
+        if child is tapped:
+            break
+        if isinstance(child, _BatchNorm):
+            found = (f"{parent_name}.{name}" if parent_name else name, child)
+    if found is None:
+        where = f"block {parent_name!r}" if parent_name else "the model's top level"
+        raise ValueError(
+            f"ofd: no batch norm before {module_name!r} in {where}; tap the teacher's pre-ReLU value "
+            "(a batch norm, or the module right after it in the same block, e.g. stageK_pre)"
+        )
+    return found
+
+
+class OFD(nn.Module):
+    """Heo et al. 2019 (OFD): connector(F_s) against the teacher's pre-ReLU F_t, margin ReLU and partial L2."""
+
+    def __init__(self, student_channels: int, teacher_channels: int, margin: torch.Tensor) -> None:
+        super().__init__()
+        conv = nn.Conv2d(student_channels, teacher_channels, kernel_size=1, bias=False)
+        bn = nn.BatchNorm2d(teacher_channels)
+        # OFD's initialisation: He-normal over the output fan, unit-scale zero-shift BN
+        nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / teacher_channels))
+        nn.init.ones_(bn.weight)
+        nn.init.zeros_(bn.bias)
+        self.connector = nn.Sequential(conv, bn)
+        self.register_buffer("margin", margin.detach().clone().float())
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return losses.ofd(self.connector(student), teacher, self.margin)
+
+
+def ofd(
+    target_shape: tuple[int, ...],
+    source_shape: tuple[int, ...],
+    build: BuildInfo,
+    margin_fallback_prob: float | None = None,
+) -> nn.Module:
+    """OFD (Heo et al. 2019): the student connector and the margin from the teacher's batch norm."""
+    if len(target_shape) != 3 or len(source_shape) != 3:
+        raise ValueError(f"ofd taps feature maps C×H×W, got {target_shape} and {source_shape}")
+    if target_shape[1:] != source_shape[1:]:
+        raise ValueError(f"ofd: spatial sizes differ ({target_shape} vs {source_shape}); tap stages of equal resolution")
+    if build.source_model is None or build.source_module is None:
+        raise ValueError("ofd needs a single teacher module tap (its batch norm gives the margin)")
+    bn_name, bn = batch_norm_before(build.source_model, build.source_module)
+    if bn.num_features != source_shape[0] or not bn.affine:
+        raise ValueError(
+            f"ofd: batch norm {bn_name!r} has {bn.num_features} channels{'' if bn.affine else ' and no affine parameters'}, "
+            f"the tapped {build.source_module!r} has {source_shape[0]}"
+        )
+    margin = losses.ofd_margin(bn.weight, bn.bias, fallback_prob=margin_fallback_prob)
+    return OFD(target_shape[0], source_shape[0], margin)
+
+
+# ---------------------------------------------------------------------------------------
+# FT
+# ---------------------------------------------------------------------------------------
+
+
+class FT(nn.Module):
+    """Kim et al. 2018 (FT): paraphraser on the teacher's feature, translator on the student's.
+
+    ``forward(student, teacher, stage)``: in stage ``paraphrase_stage`` it returns
+    ``reconstruction_weight`` × the paraphraser's reconstruction loss on the (detached) teacher
+    feature, and only the paraphraser gets a gradient. In every other stage it returns the
+    factor-transfer loss between translator(F_s) and the paraphraser's factor of F_t, the
+    paraphraser in eval mode and without gradient (frozen); ``reduction="mean"`` divides the
+    per-sample L1 distance by the factor's size (the benchmark's form, for its β = 200).
+    """
+
+    def __init__(
+        self,
+        student_channels: int,
+        teacher_channels: int,
+        rate: float,
+        paraphrase_stage: str,
+        reconstruction_p: int,
+        reconstruction_weight: float,
+        reduction: str,
+    ) -> None:
+        super().__init__()
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"ft: reduction must be 'mean' or 'sum', got {reduction!r}")
+        if reconstruction_p not in (1, 2):
+            raise ValueError("ft: reconstruction_p must be 1 or 2")
+        self.paraphraser = losses.Paraphraser(teacher_channels, rate=rate)
+        self.translator = losses.Translator(student_channels, self.paraphraser.factor_channels)
+        self.paraphrase_stage = paraphrase_stage
+        self.reconstruction_p = reconstruction_p
+        self.reconstruction_weight = float(reconstruction_weight)
+        self.reduction = reduction
+
+    def teacher_factor(self, teacher: torch.Tensor) -> torch.Tensor:
+        """The frozen paraphraser's factor of the teacher feature (eval mode, no gradient)."""
+        was_training = self.paraphraser.training
+        self.paraphraser.eval()
+        try:
+            with torch.no_grad():
+                return self.paraphraser.encode(teacher.float())
+        finally:
+            self.paraphraser.train(was_training)
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, stage: str) -> torch.Tensor:
+        if stage == self.paraphrase_stage:
+            return self.reconstruction_weight * self.paraphraser.reconstruction_loss(teacher.detach().float(), p=self.reconstruction_p)
+        factor_t = self.teacher_factor(teacher)
+        factor_s = self.translator(student.float())
+        loss = losses.factor_transfer(factor_s, factor_t)
+        if self.reduction == "mean":
+            loss = loss / factor_t[0].numel()
+        return loss
+
+
+def ft(
+    target_shape: tuple[int, ...],
+    source_shape: tuple[int, ...],
+    build: BuildInfo,
+    rate: float = 0.5,
+    paraphrase_stage: str = "paraphrase",
+    reconstruction_p: int = 1,
+    reconstruction_weight: float = 1.0 / 200.0,
+    reduction: str = "mean",
+) -> nn.Module:
+    """FT (Kim et al. 2018). `reconstruction_weight` scales the paraphraser's loss so that, times the
+    transfer's weight (β = 200), the paraphraser trains on a unit-weight reconstruction loss."""
+    if len(target_shape) != 3 or len(source_shape) != 3:
+        raise ValueError(f"ft taps feature maps C×H×W, got {target_shape} and {source_shape}")
+    if target_shape[1:] != source_shape[1:]:
+        raise ValueError(f"ft: spatial sizes differ ({target_shape} vs {source_shape}); tap stages of equal resolution")
+    return FT(target_shape[0], source_shape[0], rate, paraphrase_stage, reconstruction_p, reconstruction_weight, reduction)
+
+
+# ---------------------------------------------------------------------------------------
+# ReviewKD
+# ---------------------------------------------------------------------------------------
+
+
+def _as_map(x: torch.Tensor) -> torch.Tensor:
+    """B×D (a pooled embedding) as a B×D×1×1 map; feature maps unchanged."""
+    return x.view(*x.shape, 1, 1) if x.dim() == 2 else x
+
+
+class ReviewKD(nn.Module):
+    """Chen et al. 2021 (ReviewKD): ``ReviewFusion`` of the student's stages, then ``hcl`` against the teacher's."""
+
+    def __init__(self, student_channels: list[int], teacher_channels: list[int], out_sizes: list[tuple[int, int]], mid_channels: int) -> None:
+        super().__init__()
+        self.fusion = losses.ReviewFusion(student_channels, teacher_channels, mid_channels)
+        self.out_sizes = [tuple(s) for s in out_sizes]
+
+    def forward(self, students: list[torch.Tensor], teachers: list[torch.Tensor]) -> torch.Tensor:
+        fused = self.fusion([_as_map(s.float()) for s in students], self.out_sizes)
+        return losses.hcl(fused, [_as_map(t.float()) for t in teachers])
+
+
+def reviewkd(
+    target_shape: list[tuple[int, ...]],
+    source_shape: list[tuple[int, ...]],
+    build: BuildInfo,
+    mid_channels: int | None = None,
+) -> nn.Module:
+    """ReviewKD (Chen et al. 2021): student stages shallow → deep against the teacher's matching stages.
+
+    A 1-d tap (the pooled embedding) counts as a 1×1 map. `mid_channels` defaults to
+    min(512, channels of the deepest student tap), as in the authors' code.
+    """
+    if len(target_shape) != len(source_shape):
+        raise ValueError(f"reviewkd: {len(target_shape)} student taps but {len(source_shape)} teacher taps")
+    for shape in [*target_shape, *source_shape]:
+        if len(shape) not in (1, 3):
+            raise ValueError(f"reviewkd taps feature maps C×H×W or embeddings D, got {shape}")
+    s_channels = [s[0] for s in target_shape]
+    t_channels = [s[0] for s in source_shape]
+    sizes = [tuple(s[1:]) if len(s) == 3 else (1, 1) for s in source_shape]
+    mid = mid_channels if mid_channels is not None else min(512, s_channels[-1])
+    return ReviewKD(s_channels, t_channels, sizes, mid)
+
+
+register_criterion("ofd", ofd, module=True, same_shape=False)
+register_criterion("ft", ft, module=True, same_shape=False, context=("stage",))
+register_criterion("reviewkd", reviewkd, module=True, same_shape=False, grouped=True)

@@ -1,0 +1,47 @@
+"""`crd`: Tian, Krishnan and Isola 2020, "Contrastive Representation Distillation" (ICLR).
+
+Student loss γ·CE + β·(L_s + L_t): NCE between 128-d L2-normalised linear projections of the
+student's and the teacher's pooled embeddings, each anchored against K negatives drawn from
+a momentum memory bank of the other side's projections over the training set, τ=0.07
+(`kdflow.losses.CRDLoss`, the `crd` criterion module: both projections and both banks belong
+to the student and travel in its checkpoint). Defaults (../shared/methods.md): β=0.8, γ=1,
+K=16384, τ=0.07, bank momentum 0.5. CRD+KD: `method: [crd, {name: kd, kd_weight: 1.0}]`.
+"""
+from __future__ import annotations
+
+from kdflow.methods.registry import Graph, register_method
+
+
+@register_method(
+    "crd",
+    citation="Tian, Krishnan, Isola 2020. Contrastive Representation Distillation. ICLR",
+    knowledge="relations",
+)
+def crd(
+    teacher: str = "teacher",
+    student: str = "student",
+    teacher_tap: str = "embedding",
+    student_tap: str = "embedding",
+    feat_dim: int = 128,
+    num_negatives: int = 16384,
+    temperature: float = 0.07,
+    momentum: float = 0.5,
+    weight: float = 0.8,
+    ce_weight: float = 1.0,
+) -> Graph:
+    return {
+        "nodes": {teacher: {"role": "frozen"}, student: {"role": "trainable"}},
+        "supervise": {student: ce_weight},
+        "transfers": [
+            {
+                "from": f"{teacher}.{teacher_tap}",
+                "to": f"{student}.{student_tap}",
+                "criterion": "crd",
+                "feat_dim": feat_dim,
+                "num_negatives": num_negatives,
+                "temperature": temperature,
+                "momentum": momentum,
+                "weight": weight,
+            }
+        ],
+    }

@@ -1,0 +1,53 @@
+"""`dkd`: Zhao, Cui, Song, Qiu and Liang 2022, "Decoupled Knowledge Distillation" (CVPR).
+
+Student loss CE(z_s, y) + w(e)·[α·TCKD + β·NCKD], with p = softmax(z/τ) and y the label:
+
+* TCKD = τ²·KL(b_t ‖ b_s), b = [p_y, 1 − p_y] (target vs. all non-target classes together);
+* NCKD = τ²·KL(p̂_t ‖ p̂_s), p̂ the softmax over the non-target classes only;
+* w(e) = min(e / 20, 1) for 1-based epochs e (the paper's linear warm-up over 20 epochs).
+
+The warm-up is a weight schedule ``{value: 1, warmup_epochs: 20}``: the flow's WeightSchedule
+gives min((epoch + 1) / 20, 1) for its 0-based epochs, which is the paper's min(e / 20, 1) with
+e = epoch + 1 — the same ramp (1/20 in the first epoch, full weight from the 20th on).
+
+Defaults (CIFAR-100, the paper / mdistiller configs): τ = 4, α = 1, β = 8, CE weight 1.0.
+β is tuned per pair: β = 2 for resnet56→resnet20 and resnet110→resnet32; β = 6 for
+vgg13→vgg8, the wrn40-2 pairs (→wrn16-2, →wrn40-1, →ShuffleNetV1) and vgg13→MobileNetV2;
+β = 8 otherwise (resnet32x4 pairs, ResNet50→MobileNetV2). Set it with
+``method: {name: dkd, beta: 6}``.
+"""
+from __future__ import annotations
+
+from kdflow.methods.registry import Graph, register_method
+
+
+@register_method(
+    "dkd",
+    citation="Zhao, Cui, Song, Qiu, Liang 2022. Decoupled Knowledge Distillation (CVPR)",
+    knowledge="logits",
+)
+def dkd(
+    teacher: str = "teacher",
+    student: str = "student",
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    temperature: float = 4.0,
+    ce_weight: float = 1.0,
+    kd_weight: float = 1.0,
+    warmup_epochs: int = 20,
+) -> Graph:
+    return {
+        "nodes": {teacher: {"role": "frozen"}, student: {"role": "trainable"}},
+        "supervise": {student: ce_weight},
+        "transfers": [
+            {
+                "from": f"{teacher}.logits",
+                "to": f"{student}.logits",
+                "criterion": "dkd",
+                "alpha": alpha,
+                "beta": beta,
+                "temperature": temperature,
+                "weight": {"value": kd_weight, "warmup_epochs": warmup_epochs},
+            }
+        ],
+    }

@@ -1,0 +1,51 @@
+"""`fitnet`: Romero, Ballas, Kahou, Chassang, Gatta and Bengio 2015, "FitNets: Hints for Thin
+Deep Nets" (ICLR).
+
+Student loss γ·CE(z_s, y) + β·MSE(r(F_s), F_t): the student's guided layer F_s, through a
+trainable regressor r (a 3×3 conv + BN connector owned by the student), imitates the
+teacher's hint layer F_t. Defaults (the CIFAR-100 benchmark, ../shared/methods.md): hint and
+guided layer at stage 2, β=100, γ=1.
+
+The paper first trains the student up to the guided layer on the hint alone, then the whole
+student. `hint_epochs > 0` adds that hint stage: stage `hint` trains the student (and r) on
+β·MSE only, stage `main` on γ·CE only (the paper's second stage is KD: combine with `kd` and
+limit its transfer to `main` in the recipe). With `hint_epochs = 0` (the benchmark's way) the
+hint and CE are trained together in one stage.
+"""
+from __future__ import annotations
+
+from kdflow.methods.registry import Graph, register_method
+
+
+@register_method(
+    "fitnet",
+    citation="Romero, Ballas, Kahou, Chassang, Gatta, Bengio 2015. FitNets: Hints for Thin Deep Nets. ICLR",
+    knowledge="features",
+)
+def fitnet(
+    teacher: str = "teacher",
+    student: str = "student",
+    teacher_tap: str = "stage2",
+    student_tap: str = "stage2",
+    weight: float = 100.0,
+    ce_weight: float = 1.0,
+    connector: str = "conv3x3",
+    hint_epochs: int = 0,
+) -> Graph:
+    hint = {
+        "from": f"{teacher}.{teacher_tap}",
+        "to": f"{student}.{student_tap}",
+        "criterion": "hint_mse",
+        "connector": connector,
+        "weight": weight,
+    }
+    graph: Graph = {
+        "nodes": {teacher: {"role": "frozen"}, student: {"role": "trainable"}},
+        "supervise": {student: ce_weight},
+        "transfers": [hint],
+    }
+    if hint_epochs > 0:
+        hint["stages"] = ["hint"]
+        graph["supervise"] = {student: {"weight": ce_weight, "stages": ["main"]}}
+        graph["stages"] = [{"name": "hint", "train": [student], "epochs": hint_epochs}, {"name": "main", "train": [student]}]
+    return graph

@@ -129,12 +129,14 @@ class Flow(nn.Module):
 
     def _check_shapes(self, sample: torch.Tensor) -> None:
         shapes: dict[str, tuple[int, ...]] = {}
+        values: dict[str, torch.Tensor] = {}
         was_training = {n: m.training for n, m in self.models.items()}
         self.models.eval()
         with torch.no_grad():
             for node, rec in self.recorders.items():
                 for tap, value in rec.run(sample).items():
                     shapes[f"{node}.{tap}"] = tuple(value.shape[1:])
+                    values[f"{node}.{tap}"] = value
         for n, m in self.models.items():
             m.train(was_training[n])
         for i, t in enumerate(self.recipe.transfers):
@@ -160,6 +162,21 @@ class Flow(nn.Module):
                 )
             if crit.module:
                 self.criterion_modules[str(i)] = self._build_criterion(i, t, tgt_shape, src_shape)
+            else:
+                self._try_criterion(i, t, values, sample)
+
+    def _try_criterion(self, i: int, t: TransferSpec, values: dict[str, torch.Tensor], sample: torch.Tensor) -> None:
+        """Evaluate a plain criterion once on the dry run's taps, so taps it cannot compare (FSP's channel
+        counts, say) stop the run here rather than at its first step. Module criteria check in their factory."""
+        n = sample.shape[0]
+        context = {"target": torch.zeros(n, dtype=torch.long), "epoch": 0, "epochs": 1,
+                   "indices": torch.arange(n), "stage": self.stages[0].name, "x": sample}
+        try:
+            with torch.no_grad():
+                self.transfer_value(i, t, values, context)
+        except (RuntimeError, ValueError) as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise RecipeError(f"transfers.{i}: criterion {t.criterion!r} cannot compare these taps: {first}") from None
 
     def _build_criterion(self, i: int, t: TransferSpec, tgt_shape, src_shape) -> nn.Module:
         src_node, src_tap = split_tap(t.sources[0])

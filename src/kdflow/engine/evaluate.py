@@ -22,10 +22,15 @@ def evaluate(model: nn.Module, ds: ArrayDataset, batch_size: int = 1000, dist_in
     return evaluate_ensemble([model], ds, batch_size, dist_info)
 
 
+ECE_BINS = 15
+
+
 def evaluate_ensemble(
     models: list[nn.Module], ds: ArrayDataset, batch_size: int = 1000, dist_info: DistInfo = DistInfo()
-) -> dict[str, float]:
-    """The same metrics for the mean of the models' softmax outputs (one model: the model itself).
+) -> dict:
+    """The same metrics for the mean of the models' softmax outputs (one model: the model itself), plus
+    per-class top-1 (percent, so minority classes can be read) and the expected calibration error
+    (15 equal-width confidence bins; Guo et al. 2017).
 
     Under several processes each evaluates every world-th sample and the sums are reduced."""
     n = len(ds)
@@ -35,9 +40,13 @@ def evaluate_ensemble(
     for m in models:
         m.eval()
     device = ds.y.device
+    c = ds.num_classes
     loss = torch.zeros((), dtype=torch.float64, device=device)
     top1 = torch.zeros((), dtype=torch.long, device=device)
     top5 = torch.zeros((), dtype=torch.long, device=device)
+    class_correct = torch.zeros(c, dtype=torch.long, device=device)
+    class_total = torch.zeros(c, dtype=torch.long, device=device)
+    bins = torch.zeros(3, ECE_BINS, dtype=torch.float64, device=device)  # count, sum of confidence, sum of correct
     with torch.inference_mode():
         for x, y, _ in batches(ds, batch_size):
             x = augment_batch(x, ds.mean, ds.std)
@@ -49,7 +58,23 @@ def evaluate_ensemble(
             loss += F.nll_loss(log_p, y, reduction="sum").double()
             top1 += topk_correct(log_p, y, 1)
             top5 += topk_correct(log_p, y, 5)
+            conf, pred = log_p.exp().max(dim=1)
+            hit = pred == y
+            class_correct += torch.bincount(y[hit], minlength=c)
+            class_total += torch.bincount(y, minlength=c)
+            b = (conf * ECE_BINS).long().clamp(max=ECE_BINS - 1)
+            bins[0] += torch.bincount(b, minlength=ECE_BINS).double()
+            bins[1] += torch.bincount(b, weights=conf.double(), minlength=ECE_BINS)
+            bins[2] += torch.bincount(b, weights=hit.double(), minlength=ECE_BINS)
     for m, training in zip(models, was_training):
         m.train(training)
-    all_reduce_sum([loss, top1, top5])
-    return {"test_loss": loss.item() / n, "test_top1": 100.0 * top1.item() / n, "test_top5": 100.0 * top5.item() / n}
+    all_reduce_sum([loss, top1, top5, class_correct, class_total, bins])
+    per_class = (100.0 * class_correct.double() / class_total.clamp(min=1).double()).tolist()
+    ece = float((bins[1] - bins[2]).abs().sum() / max(n, 1))
+    return {
+        "test_loss": loss.item() / n,
+        "test_top1": 100.0 * top1.item() / n,
+        "test_top5": 100.0 * top5.item() / n,
+        "per_class_top1": [round(v, 4) for v in per_class],
+        "ece": ece,
+    }

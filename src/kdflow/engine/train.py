@@ -13,7 +13,7 @@ import json
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -26,7 +26,8 @@ from kdflow.checkpoint import load_safe, model_file, save_atomic
 from kdflow.data import ArrayDataset, load_dataset
 from kdflow.data.augment import augment_batch
 from kdflow.data.base import DatasetError
-from kdflow.data.loader import batches, load_inputs, num_batches, seeded_generator, subset, to_device
+from kdflow.data.corrupt import NOISE, imbalance_indices
+from kdflow.data.loader import batches, load_inputs, num_batches, seeded_generator, select, subset, to_device
 from kdflow.engine.distributed import DistInfo, all_reduce_sum, average_gradients, init_distributed
 from kdflow.engine.evaluate import evaluate, evaluate_ensemble, topk_correct
 from kdflow.engine.report import summarize, summary_table
@@ -91,7 +92,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_data(recipe: Recipe) -> tuple[ArrayDataset, ArrayDataset]:
+def load_data(recipe: Recipe) -> tuple[ArrayDataset, ArrayDataset, dict]:
+    """The training and test splits after `limit`, imbalance and label noise (training split only), and
+    a record of what the corruptions did: per-class counts, the realised noise rate and mask."""
     d = recipe.data
     try:
         train = load_dataset(d.name, "train", d.root, **d.options)
@@ -100,7 +103,32 @@ def load_data(recipe: Recipe) -> tuple[ArrayDataset, ArrayDataset]:
         raise RecipeError(f"data: {e}") from None
     except TypeError as e:
         raise RecipeError(f"data.options: {e}") from None
-    return subset(train, d.limit, recipe.seed), subset(test, d.test_limit, recipe.seed + 1)
+    train, test = subset(train, d.limit, recipe.seed), subset(test, d.test_limit, recipe.seed + 1)
+    record: dict = {}
+    if d.imbalance is not None:
+        keep = imbalance_indices(train.y, train.num_classes, d.imbalance.kind, d.imbalance.ratio, d.imbalance.seed)
+        train = select(train, keep)
+    record["train_class_counts"] = torch.bincount(train.y, minlength=train.num_classes).tolist()
+    if d.noise is not None:
+        try:
+            noisy, mask = NOISE[d.noise.kind](train.y, train.num_classes, d.noise.rate, d.noise.seed)
+        except ValueError as e:
+            raise RecipeError(f"data.noise: {e}") from None
+        record["noise"] = {**d.noise.model_dump(), "realised_rate": float(mask.float().mean()), "flipped": int(mask.sum())}
+        record["noise_mask"] = mask
+        record["clean_labels"] = train.y
+        train = replace(train, y=noisy)
+        record["train_noisy_class_counts"] = torch.bincount(noisy, minlength=train.num_classes).tolist()
+    record["test_class_counts"] = torch.bincount(test.y, minlength=test.num_classes).tolist()
+    return train, test, record
+
+
+def write_data_record(out: Path, record: dict) -> None:
+    """data.json (counts, noise summary) and, with noise, corruption.pt (the mask and the clean labels)."""
+    summary = {k: v for k, v in record.items() if not isinstance(v, torch.Tensor)}
+    write_text_atomic(out / "data.json", json.dumps(summary, indent=2) + "\n")
+    if "noise_mask" in record:
+        save_atomic({"noise_mask": record["noise_mask"], "clean_labels": record["clean_labels"]}, out / "corruption.pt")
 
 
 def node_optim(recipe: Recipe, node: str) -> OptimSpec:
@@ -285,7 +313,7 @@ def train(
         progress = sys.stderr.isatty()
     seed_everything(recipe.seed)
     device = pick_device(recipe.device, dist_info)
-    train_set, test_set = load_data(recipe)
+    train_set, test_set, data_record = load_data(recipe)
     sample = augment_batch(load_inputs(test_set, torch.arange(2)), test_set.mean, test_set.std)
     flow = Flow(recipe, train_set.num_classes, train_set.input_shape, sample, num_data=len(train_set)).to(device)
     if recipe.train.channels_last and sample.dim() == 4:
@@ -296,6 +324,7 @@ def train(
     stages = flow.stages
     if dist_info.main:
         _write_run_header(out, recipe, device, resume)
+        write_data_record(out, data_record)
     metrics_path = out / "metrics.jsonl"
 
     stage_index, start_epoch, best = 0, 0, {}

@@ -230,6 +230,22 @@ class AugmentSpec(Strict):
     flip: bool = False
 
 
+class NoiseSpec(Strict):
+    """Label noise on the training split (test stays clean): exactly round(rate·N) labels changed."""
+
+    kind: Literal["symmetric", "pairflip", "asymmetric_cifar10"] = "symmetric"
+    rate: float = Field(ge=0, le=1)
+    seed: int = 0
+
+
+class ImbalanceSpec(Strict):
+    """A long-tailed training split (test stays balanced): exponential n_i = n_max·ρ^(−i/(C−1)), or step."""
+
+    kind: Literal["exponential", "step"] = "exponential"
+    ratio: float = Field(ge=1)
+    seed: int = 0
+
+
 class DataSpec(Strict):
     name: str
     root: str | None = None
@@ -237,6 +253,8 @@ class DataSpec(Strict):
     test_limit: int | None = Field(None, gt=0)
     options: dict[str, Any] = {}
     augment: AugmentSpec = AugmentSpec()
+    imbalance: ImbalanceSpec | None = None  # applied after `limit`
+    noise: NoiseSpec | None = None  # applied last
 
 
 class Recipe(Strict):

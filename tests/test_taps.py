@@ -44,10 +44,18 @@ class Twice(nn.Module):
         return self.fc(self.block(self.block(x)))
 
 
-def test_module_running_twice_is_an_error() -> None:
-    rec = TapRecorder("m", Twice(), {"block"})
-    with pytest.raises(RecipeError, match="ran twice"):
+def test_module_running_twice_is_an_error_unless_the_call_is_named() -> None:
+    model = Twice()
+    rec = TapRecorder("m", model, {"block"})
+    with pytest.raises(RecipeError, match=r"ran twice in one forward pass; say which call with block@K"):
         rec.run(torch.randn(2, 4))
+    x = torch.randn(2, 4)
+    values = TapRecorder("m", model, {"block@1", "block@2"}).run(x)
+    with torch.no_grad():
+        first = model.block(x)
+        assert torch.equal(values["block@1"], first) and torch.equal(values["block@2"], model.block(first))
+    with pytest.raises(RecipeError, match=r"tap m\.block@3: the module ran 2 time\(s\)"):
+        TapRecorder("m", model, {"block@3"}).run(x)
 
 
 class PreReLU(nn.Module):

@@ -91,17 +91,28 @@ def fuse(sources: list[torch.Tensor], spec: FuseSpec) -> torch.Tensor:
 
 class Flow(nn.Module):
     def __init__(
-        self, recipe: Recipe, num_classes: int, input_shape: tuple[int, ...], sample: torch.Tensor, num_data: int = 0
+        self,
+        recipe: Recipe,
+        num_classes: int,
+        input_shape: tuple[int, ...],
+        sample: torch.Tensor | None,
+        num_data: int = 0,
+        models: dict[str, nn.Module] | None = None,
     ) -> None:
-        """Build every node, hook its taps and check every transfer's shapes on `sample` (a small batch).
+        """Build every node, hook its taps and check every transfer's shapes on `sample` (a small batch;
+        None skips the check, for graphs without shape-dependent helpers).
 
         `num_data` is the size of the training split (criteria with a per-sample memory need it).
+        `models` supplies ready nn.Modules for some nodes (the library API); those are used as they are.
         """
         super().__init__()
         self.recipe = recipe
         self.stages = recipe.resolved_stages()
         self.models = nn.ModuleDict()
         for i, name in enumerate(recipe.nodes):
+            if models and name in models:
+                self.models[name] = models[name]
+                continue
             self.models[name] = _seeded_build(recipe, name, i, num_classes, input_shape)
             if recipe.nodes[name].checkpoint:
                 load_node_checkpoint(self.models[name], name, recipe.nodes[name].arch, recipe.nodes[name].checkpoint)
@@ -125,7 +136,8 @@ class Flow(nn.Module):
         self.num_data = num_data
         self.runners: dict[str, nn.Module] = {}  # node -> a wrapper to run it through (DDP); not in the state dict
         self.autocast_dtype: torch.dtype | None = None  # mixed precision for the nodes' forward passes
-        self._check_shapes(sample)
+        if sample is not None:
+            self._check_shapes(sample)
 
     def _check_shapes(self, sample: torch.Tensor) -> None:
         shapes: dict[str, tuple[int, ...]] = {}

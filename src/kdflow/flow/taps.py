@@ -3,7 +3,8 @@
 Tap names: ``logits`` (the model's output), ``embedding`` (the input of the model's last
 nn.Linear, i.e. the pooled penultimate features), a dotted module name (``stage2``,
 ``features.12``: that module's output), or ``NAME:input`` (that module's first input).
-A model may publish stable tap names in a ``tap_names`` dict attribute (alias -> dotted module
+A module that runs more than once in a forward pass must be tapped with the call it means,
+``NAME@K`` (the K-th call, from 1). A model may publish stable tap names in a ``tap_names`` dict attribute (alias -> dotted module
 name, e.g. ``{"stage3_pre": "layer3.4.preact"}``); an alias resolves before module names.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ def resolve_module(model: nn.Module, node: str, tap: str) -> tuple[str, bool]:
         if name is None:
             raise RecipeError(f"tap {node}.embedding: the model has no nn.Linear whose input is the embedding")
         return name, True
-    name, _, kind = tap.partition(":")
+    name, _, kind = tap.split("@", 1)[0].partition(":")
     if kind not in ("", "input"):
         raise RecipeError(f"tap {node}.{tap}: suffix must be ':input', not ':{kind}'")
     aliases: dict[str, str] = getattr(model, "tap_names", {})
@@ -65,6 +66,7 @@ class TapRecorder:
         self.taps = sorted(taps)
         self.values: dict[str, torch.Tensor] = {}
         self.versions: dict[str, int] = {}
+        self.calls: dict[str, int] = {}
         self.recording = False
         self.handles = []
         modules = dict(model.named_modules())
@@ -75,11 +77,19 @@ class TapRecorder:
             self.handles.append(modules[name].register_forward_hook(self._hook(tap, capture_input)))
 
     def _hook(self, tap: str, capture_input: bool):
+        call = int(tap.rsplit("@", 1)[1]) if "@" in tap else None
+
         def hook(module: nn.Module, inputs: tuple, output: object) -> None:
             if not self.recording:
                 return
-            if tap in self.values:
-                raise RecipeError(f"tap {self.node}.{tap}: the module ran twice in one forward pass; tap a module that runs once")
+            self.calls[tap] = self.calls.get(tap, 0) + 1
+            if call is not None:
+                if self.calls[tap] != call:
+                    return
+            elif tap in self.values:
+                raise RecipeError(
+                    f"tap {self.node}.{tap}: the module ran twice in one forward pass; say which call with {tap}@K (K from 1)"
+                )
             value = inputs[0] if capture_input else output
             if not isinstance(value, torch.Tensor):
                 raise RecipeError(f"tap {self.node}.{tap}: the module's {'input' if capture_input else 'output'} is not a tensor")
@@ -92,7 +102,7 @@ class TapRecorder:
     def run(self, x: torch.Tensor, runner: nn.Module | None = None) -> dict[str, torch.Tensor]:
         """Every tap's value for one forward pass of the model, or of `runner` (a wrapper such as DDP
         around the same model, whose forward calls the model's)."""
-        self.values, self.versions = {}, {}
+        self.values, self.versions, self.calls = {}, {}, {}
         self.recording = True
         try:
             output = (runner or self.model)(x)
@@ -109,7 +119,10 @@ class TapRecorder:
         values["logits"] = model_logits(output)
         missing = [t for t in self.taps if t not in values]
         if missing:
-            raise RecipeError(f"tap {self.node}.{missing[0]}: the module did not run in the forward pass")
+            tap = missing[0]
+            ran = self.calls.get(tap, 0)
+            why = f"the module ran {ran} time(s)" if ran else "the module did not run in the forward pass"
+            raise RecipeError(f"tap {self.node}.{tap}: {why}")
         return values
 
     def remove(self) -> None:

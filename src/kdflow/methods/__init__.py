@@ -9,4 +9,10 @@ for _info in pkgutil.iter_modules(__path__):
     if _info.name != "registry":
         importlib.import_module(f"{__name__}.{_info.name}")
 
-__all__ = ["METHODS", "Method", "expand_methods", "method_graph", "register_method"]
+# the public callables: kdflow.methods.kd(teacher=<nn.Module>, student=<nn.Module>, ...) -> FlowGraph
+from kdflow.api import method_api  # noqa: E402
+
+for _name in list(METHODS):
+    globals()[_name] = method_api(_name)
+
+__all__ = ["METHODS", "Method", "expand_methods", "method_graph", "register_method", *METHODS]

@@ -1,0 +1,209 @@
+"""kdflow as a library: any method of `kdflow methods` inside your own training loop.
+
+    flow = kdflow.methods.kd(teacher=teacher, student=student, temperature=4)
+    distiller = kdflow.Distiller(flow)                       # an nn.Module holding every node and helper
+    optimizer = torch.optim.SGD(distiller.parameters_of("student"), lr=0.05, momentum=0.9)
+    out = distiller(images, labels)                          # out.total, out.terms, out.logits
+    optimizer.zero_grad(); out.total.backward(); optimizer.step()
+
+The graph is the same one the CLI runs from a recipe (`Distiller.from_recipe`), so the losses are
+the engine's. Frozen nodes stay frozen whatever you call: they run in eval mode under inference
+mode, never require gradients, and are left out of `parameters()` and `parameters_of`.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from kdflow.flow.errors import RecipeError
+from kdflow.flow.graph import Flow, FlowOutput
+from kdflow.flow.recipe import resolve
+from kdflow.flow.spec import Recipe, StageSpec
+
+
+@dataclass
+class FlowGraph:
+    """A method's graph (plain data, the recipe's shape) with the user's models bound to its nodes."""
+
+    method: str
+    graph: dict[str, Any]
+    models: dict[str, nn.Module] = field(default_factory=dict)
+
+
+def _bind(name: str, fn: Callable[..., dict], kwargs: dict[str, Any]) -> FlowGraph:
+    """Call method `fn` with node names in place of the nn.Modules the user passed."""
+    params = inspect.signature(fn).parameters
+    args, models = {}, {}
+    for key, value in kwargs.items():
+        if key not in params:
+            raise TypeError(f"{name}() got an unexpected argument {key!r}; it takes {', '.join(params)}")
+        if isinstance(value, nn.Module):
+            args[key] = key  # the node is named after the argument: teacher=..., student=...
+            models[key] = value
+        elif isinstance(value, (list, tuple)) and value and all(isinstance(v, nn.Module) for v in value):
+            default = params[key].default
+            names = list(default) if isinstance(default, (list, tuple)) and len(default) == len(value) else [f"{key}{i + 1}" for i in range(len(value))]
+            args[key] = names
+            models.update(zip(names, value))
+        else:
+            args[key] = value
+    return FlowGraph(name, fn(**args), models)
+
+
+def method_api(name: str) -> Callable[..., FlowGraph]:
+    """The public callable `kdflow.methods.NAME(...)`: node arguments take nn.Modules, the rest the defaults."""
+    from kdflow.methods.registry import METHODS
+
+    fn = METHODS[name].fn
+
+    def call(**kwargs: Any) -> FlowGraph:
+        return _bind(name, fn, kwargs)
+
+    call.__name__ = name
+    call.__doc__ = f"{METHODS[name].citation}.\n\nArguments as in the method's graph; pass nn.Modules for its nodes.\n\n{fn.__doc__ or ''}"
+    call.__signature__ = inspect.signature(fn)  # type: ignore[attr-defined]
+    return call
+
+
+class Distiller(nn.Module):
+    """Every node and helper of a method's graph as one nn.Module, for a user's own training loop.
+
+    `example_inputs` (a small batch) is needed when the graph has trainable helpers (connectors,
+    VID/CRD/ReviewKD modules): they are built from the taps' shapes, before you create the optimizer.
+    `num_data` (the training set's size) and `indices` in the call are for CRD's memory bank.
+    """
+
+    def __init__(
+        self,
+        flow: FlowGraph,
+        example_inputs: torch.Tensor | None = None,
+        num_classes: int | None = None,
+        num_data: int = 0,
+        stage: str | None = None,
+    ) -> None:
+        super().__init__()
+        graph = dict(flow.graph)
+        nodes = {n: {**f, "arch": f.get("arch", f"external:{type(flow.models[n]).__name__}")} for n, f in graph.get("nodes", {}).items() if n in flow.models}
+        missing = [n for n in graph.get("nodes", {}) if n not in flow.models]
+        for n in missing:
+            if "same_as" in graph["nodes"][n]:  # an SL-T or a generation: a fresh copy of that node's model
+                flow.models[n] = _fresh_copy(flow.models[graph["nodes"][n]["same_as"]])
+                nodes[n] = {k: v for k, v in graph["nodes"][n].items() if k != "same_as"} | {"arch": nodes[graph["nodes"][n]["same_as"]]["arch"]}
+            else:
+                raise RecipeError(f"{flow.method}: node {n!r} needs a model: pass {n}=<nn.Module>")
+        for n, f in nodes.items():
+            f.pop("same_as", None)
+            # a frozen node's weights are the module's own: mark them as given (nothing is loaded)
+            f["checkpoint"] = "memory:" if f.get("role") == "frozen" else None
+        graph["nodes"] = nodes
+        recipe = resolve({"data": {"name": "external"}, **graph}, flow.method)
+        self._setup(recipe, flow.models, example_inputs, num_classes, num_data, stage)
+
+    @classmethod
+    def from_recipe(
+        cls, recipe: Recipe, num_classes: int, input_shape: tuple[int, ...], example_inputs: torch.Tensor, num_data: int = 0
+    ) -> "Distiller":
+        """The engine's graph for a recipe (models built from their `arch`), for a custom loop or a parity check."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        torch.manual_seed(recipe.seed)
+        self.flow = Flow(recipe, num_classes, input_shape, example_inputs, num_data=num_data)
+        self._finish(None)
+        return self
+
+    def _setup(self, recipe: Recipe, models, example_inputs, num_classes, num_data, stage) -> None:
+        needs_shapes = any(t.connector is not None for t in recipe.transfers) or any(
+            _is_module_criterion(t.criterion) for t in recipe.transfers
+        )
+        if example_inputs is None:
+            if needs_shapes:
+                raise RecipeError(
+                    "this graph has trainable helpers (connectors or criterion modules) built from the taps' shapes: "
+                    "pass example_inputs=<a small batch> to Distiller"
+                )
+        self.flow = Flow(recipe, num_classes or 0, (), example_inputs, num_data=num_data, models=models)
+        self._finish(stage)
+
+    def _finish(self, stage: str | None) -> None:
+        stages = {s.name: s for s in self.flow.stages}
+        if stage is not None and stage not in stages:
+            raise RecipeError(f"stage {stage!r}: the graph's stages are {', '.join(stages)}")
+        self.stage = stage or self.flow.stages[0].name
+        self.flow.set_stage_modes(self._stage)
+
+    @property
+    def _stage(self) -> StageSpec:
+        return next(s for s in self.flow.stages if s.name == self.stage)
+
+    @property
+    def stages(self) -> list[str]:
+        return [s.name for s in self.flow.stages]
+
+    def set_stage(self, name: str) -> None:
+        """Switch to another of the graph's stages (FitNet's hint stage, TAKD's links, ...)."""
+        self._finish(name)
+
+    def forward(self, inputs: torch.Tensor, labels: torch.Tensor, epoch: int = 0, indices: torch.Tensor | None = None) -> FlowOutput:
+        """Every node the stage needs runs once; returns the total loss, each term and the trainable nodes' logits.
+
+        `epoch` drives scheduled weights (DKD's warm-up); `indices` are the samples' dataset indices (CRD)."""
+        return self.flow(inputs, labels, self._stage, epoch, indices)
+
+    def train(self, mode: bool = True) -> "Distiller":
+        """Training mode for the stage's trainable nodes and helpers; frozen nodes stay in eval mode."""
+        self.training = mode
+        self.flow.set_stage_modes(self._stage)
+        if not mode:
+            for module in self.flow.modules():
+                module.training = False
+        return self
+
+    def trainable_nodes(self) -> list[str]:
+        return list(self._stage.train)
+
+    def parameters_of(self, node: str) -> list[nn.Parameter]:
+        """A trainable node's parameters and its helpers' (connectors, criterion modules): its optimizer's list."""
+        if node not in self.flow.models:
+            raise KeyError(f"no node {node!r}; nodes: {', '.join(self.flow.models)}")
+        if node not in self._stage.train:
+            return []  # frozen here: nothing to optimise
+        return self.flow.parameters_of(node)
+
+    def parameters(self, recurse: bool = True):  # noqa: D401 - nn.Module's signature
+        """The trainable nodes' and helpers' parameters only: an optimizer over `parameters()` never sees a frozen node."""
+        seen: set[int] = set()
+        for node in self._stage.train:
+            for p in self.flow.parameters_of(node):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield p
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            flow = self.__dict__.get("_modules", {}).get("flow")
+            if flow is not None and name in flow.models:
+                return flow.models[name]
+            raise
+
+
+def _is_module_criterion(name: str) -> bool:
+    from kdflow.flow.criteria import CRITERIA
+
+    return name in CRITERIA and CRITERIA[name].module
+
+
+def _fresh_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` with its parameters re-initialised (an untrained model of the same architecture)."""
+    import copy
+
+    clone = copy.deepcopy(model)
+    for module in clone.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    return clone

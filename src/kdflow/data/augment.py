@@ -35,17 +35,15 @@ def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> t
     return (x - m) / s
 
 
-def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """Zero-pad every spatial side by `padding`, then crop back to the original size at a random
-    per-sample offset (for N×C×L only the last dim is padded and cropped)."""
-    if padding < 0:
-        raise ValueError(f"random_crop: padding must be >= 0, not {padding}")
+def crop_at(x: torch.Tensor, padding: int, offsets: torch.Tensor) -> torch.Tensor:
+    """Zero-pad every spatial side by `padding`, then crop back to the original size at the given
+    per-sample offsets (N×dims, each in 0..2·padding; for N×C×L only the last dim)."""
     if padding == 0:
         return x
     if x.ndim not in (3, 4):
-        raise ValueError(f"random_crop expects N×C×L or N×C×H×W, got shape {tuple(x.shape)}")
+        raise ValueError(f"crop expects N×C×L or N×C×H×W, got shape {tuple(x.shape)}")
     n, c, *spatial = x.shape
-    offsets = torch.randint(0, 2 * padding + 1, (n, len(spatial)), generator=generator).to(x.device)
+    offsets = offsets.to(x.device)
     padded = F.pad(x, (padding,) * (2 * len(spatial)))
     batch = torch.arange(n, device=x.device)
     chan = torch.arange(c, device=x.device)
@@ -59,10 +57,27 @@ def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> to
     ]
 
 
+def flip_where(x: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """Flip the last dim of the samples where `chosen` (N, bool) is true."""
+    return torch.where(chosen.to(x.device).view((-1,) + (1,) * (x.ndim - 1)), x.flip(-1), x)
+
+
+def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Zero-pad every spatial side by `padding`, then crop back to the original size at a random
+    per-sample offset (for N×C×L only the last dim is padded and cropped)."""
+    if padding < 0:
+        raise ValueError(f"random_crop: padding must be >= 0, not {padding}")
+    if padding == 0:
+        return x
+    if x.ndim not in (3, 4):
+        raise ValueError(f"random_crop expects N×C×L or N×C×H×W, got shape {tuple(x.shape)}")
+    offsets = torch.randint(0, 2 * padding + 1, (x.shape[0], x.ndim - 2), generator=generator)
+    return crop_at(x, padding, offsets)
+
+
 def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Flip the last dim of each sample independently with probability 0.5."""
-    chosen = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device)
-    return torch.where(chosen.view((-1,) + (1,) * (x.ndim - 1)), x.flip(-1), x)
+    return flip_where(x, torch.rand(x.shape[0], generator=generator) < 0.5)
 
 
 def augment_batch(

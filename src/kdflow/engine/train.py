@@ -10,6 +10,7 @@ and ends with the same weights and metrics as an uninterrupted one.
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 import time
@@ -28,6 +29,7 @@ from kdflow.data.augment import augment_batch
 from kdflow.data.base import DatasetError
 from kdflow.data.corrupt import NOISE, imbalance_indices
 from kdflow.data.loader import batches, load_inputs, num_batches, seeded_generator, select, subset, to_device
+from kdflow.data.views import ViewTable, apply_views, make_view_table, view_of
 from kdflow.engine.distributed import DistInfo, all_reduce_sum, average_gradients, init_distributed
 from kdflow.engine.evaluate import evaluate, evaluate_ensemble, topk_correct
 from kdflow.engine.report import summarize, summary_table
@@ -38,6 +40,7 @@ from kdflow.engine.rundir import (
     write_text_atomic,
 )
 from kdflow.engine.schedule import lr_factor
+from kdflow.engine.teacher_cache import TeacherCache, state_hash
 from kdflow.flow.errors import RecipeError
 from kdflow.flow.graph import Flow
 from kdflow.flow.recipe import dump_recipe
@@ -183,10 +186,14 @@ def train_epoch(
     progress: bool,
     dist_info: DistInfo = DistInfo(),
     scaler: torch.amp.GradScaler | None = None,
+    views: ViewTable | None = None,
+    caches: dict[str, TeacherCache] | None = None,
 ) -> dict:
     """One pass over the training split; returns per-node training loss/accuracy and per-term means.
 
-    Under several processes each takes its shard of every global batch; the sums are reduced at the end."""
+    Under several processes each takes its shard of every global batch; the sums are reduced at the end.
+    With `views`, each sample is augmented as its view of this epoch, and nodes in `caches` are not run:
+    their logits for (sample, view) are read from the cache."""
     bs = recipe.train.batch_size
     steps = num_batches(len(train_set), bs, shuffled=True)
     order_gen = seeded_generator(recipe.seed, stage_index, epoch, 0)
@@ -209,13 +216,19 @@ def train_epoch(
             for group in opt.param_groups:
                 group["lr"] = base_lr[node] * factor
         # the whole global batch is augmented, so every process draws what a single process would
-        x = augment_batch(xb, train_set.mean, train_set.std, crop_padding=aug.crop_padding, flip=aug.flip, generator=aug_gen)
+        if views is not None:
+            view = view_of(views, idx, epoch)
+            x = apply_views(xb, idx, view, views, train_set.mean, train_set.std)
+        else:
+            x = augment_batch(xb, train_set.mean, train_set.std, crop_padding=aug.crop_padding, flip=aug.flip, generator=aug_gen)
         if dist_info.enabled:
             part = dist_info.shard(yb.shape[0])
             x, yb, idx = x[part], yb[part], idx[part]
+            view = view[part] if views is not None else None
         if recipe.train.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        out = flow(x, yb, stage, epoch, idx)
+        cached = {f"{n}.logits": c.lookup(idx, view, device) for n, c in (caches or {}).items()}
+        out = flow(x, yb, stage, epoch, idx, cached)
         for opt in optimizers.values():
             opt.zero_grad(set_to_none=True)
         (scaler.scale(out.total) if scaler else out.total).backward()
@@ -267,6 +280,40 @@ def _check_resumable(out: Path, recipe: Recipe, resume: bool) -> None:
         raise RecipeError(f"--out {out}: holds a run already; pass --resume to continue it, or choose another --out")
     if resume and (out / "recipe.yaml").exists() and (out / "recipe.yaml").read_text() != dump_recipe(recipe):
         raise RecipeError(f"--resume: the recipe differs from {out / 'recipe.yaml'}; resume with the run's own recipe")
+
+
+def _stage_views_and_caches(
+    flow: Flow, recipe: Recipe, stage: StageSpec, train_set: ArrayDataset, dist_info: DistInfo, progress: bool, log
+) -> tuple[ViewTable | None, dict[str, TeacherCache]]:
+    """The stage's view table (when views or the teacher cache are on) and a valid cache per cacheable teacher."""
+    spec = recipe.train
+    if spec.views is None and not spec.teacher_cache.enabled:
+        return None, {}
+    aug = recipe.data.augment
+    n_views = spec.views or max(stage.epochs, 1)
+    spatial = len(train_set.input_shape) - 1
+    table = make_view_table(len(train_set), n_views, spatial, aug.crop_padding, aug.flip, recipe.seed)
+    caches: dict[str, TeacherCache] = {}
+    if not spec.teacher_cache.enabled:
+        return table, caches
+    directory = Path(spec.teacher_cache.dir or os.environ.get("KDFLOW_CACHE", ".kdflow-cache"))
+    data = recipe.data.model_dump(mode="json", exclude={"noise"})  # noise changes labels, not inputs
+    for node in flow.cacheable_nodes(stage):
+        key = {"teacher": state_hash(flow.models[node]), "data": data, "n": len(train_set), "views": n_views,
+               "seed": recipe.seed, "dtype": spec.teacher_cache.dtype, "topk": spec.teacher_cache.topk}
+        cache = TeacherCache(directory, key, train_set.num_classes, spec.teacher_cache.dtype, spec.teacher_cache.topk)
+        if dist_info.main:
+            status = cache.open()
+            if status != "ok":
+                if status == "corrupted":
+                    log(f"teacher cache {cache.meta_path}: checksum mismatch, rebuilding it")
+                cache.build(flow.models[node], train_set, table, spec.eval_batch_size, progress, log)
+        if dist_info.enabled:
+            torch.distributed.barrier()
+            if not dist_info.main and cache.open() != "ok":
+                raise RuntimeError(f"teacher cache {cache.meta_path} not readable on rank {dist_info.rank}")
+        caches[node] = cache
+    return table, caches
 
 
 def _write_run_header(out: Path, recipe: Recipe, device: torch.device, resume: bool) -> None:
@@ -354,6 +401,7 @@ def train(
             ids = [dist_info.local_rank] if device.type == "cuda" else None
             flow.runners = {n: DistributedDataParallel(flow.models[n], device_ids=ids) for n in stage.train}
         optimizers = make_optimizers(flow, recipe, stage)
+        views, caches = _stage_views_and_caches(flow, recipe, stage, train_set, dist_info, progress, log)
         first = start_epoch if si == stage_index else 0
         if resumed is not None and si == stage_index and first > 0:
             for node, opt in optimizers.items():
@@ -361,7 +409,7 @@ def train(
         if first == 0 and stage.epochs:
             log(f"stage {stage.name!r}: training {', '.join(stage.train)} for {stage.epochs} epochs")
         for epoch in range(first, stage.epochs):
-            stats = train_epoch(flow, recipe, stage, si, epoch, train_set, optimizers, progress, dist_info, scaler)
+            stats = train_epoch(flow, recipe, stage, si, epoch, train_set, optimizers, progress, dist_info, scaler, views, caches)
             records = []
             for node in stage.train:
                 ev = evaluate(flow.models[node], test_set, recipe.train.eval_batch_size, dist_info)

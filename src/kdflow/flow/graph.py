@@ -234,10 +234,11 @@ class Flow(nn.Module):
                 module.train(training)
                 module.requires_grad_(training)
 
-    def run_nodes(self, x: torch.Tensor, stage: StageSpec) -> dict[str, torch.Tensor]:
-        values: dict[str, torch.Tensor] = {}
+    def run_nodes(self, x: torch.Tensor, stage: StageSpec, cached: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Every tap the stage needs. `cached` holds taps read from a teacher-output cache: their nodes do not run."""
+        values: dict[str, torch.Tensor] = dict(cached or {})
         for node, rec in self.recorders.items():
-            if not self.recipe.is_used(node, stage):
+            if not self.recipe.is_used(node, stage) or f"{node}.logits" in values:
                 continue
             if node in stage.train:
                 out = rec.run(x, self.runners.get(node))
@@ -250,16 +251,22 @@ class Flow(nn.Module):
         return values
 
     def forward(
-        self, x: torch.Tensor, y: torch.Tensor, stage: StageSpec, epoch: int, indices: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        stage: StageSpec,
+        epoch: int,
+        indices: torch.Tensor | None = None,
+        cached: dict[str, torch.Tensor] | None = None,
     ) -> FlowOutput:
         """All losses of one batch. `indices` are the samples' positions in the training split.
 
         With `autocast_dtype` set, the nodes run under autocast and every loss is computed in fp32."""
         if self.autocast_dtype is None:
-            taps = self.run_nodes(x, stage)
+            taps = self.run_nodes(x, stage, cached)
         else:
             with torch.autocast(x.device.type, dtype=self.autocast_dtype):
-                taps = self.run_nodes(x, stage)
+                taps = self.run_nodes(x, stage, cached)
             taps = {k: v.float() if v.is_floating_point() else v for k, v in taps.items()}
         out = FlowOutput(total=torch.zeros((), device=x.device))
         for node in stage.train:
@@ -286,6 +293,17 @@ class Flow(nn.Module):
             out.terms[label], out.weights[label] = value, w
             if w:
                 out.total = out.total + w * value
+        return out
+
+    def cacheable_nodes(self, stage: StageSpec) -> list[str]:
+        """Frozen nodes this stage reads only the logits of: their outputs can come from a teacher cache."""
+        out = []
+        for node in self.recipe.nodes:
+            if node in stage.train or not self.recipe.is_used(node, stage):
+                continue
+            taps = {s for _, t in self.recipe.active_transfers(stage) for s in t.sources if s.split(".", 1)[0] == node}
+            if taps == {f"{node}.logits"}:
+                out.append(node)
         return out
 
     def _drawn_drops(self, active: list[tuple[int, TransferSpec]]) -> set[int]:

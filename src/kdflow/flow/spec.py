@@ -214,6 +214,15 @@ class ScheduleSpec(Strict):
     warmup_epochs: int = Field(0, ge=0)  # linear warm-up per iteration from lr/steps
 
 
+class TeacherCacheSpec(Strict):
+    """Frozen teachers' logits computed once per (sample, view) and read from a memory-mapped file."""
+
+    enabled: bool = False
+    dtype: Literal["float16", "float32"] = "float16"
+    topk: int | None = Field(None, gt=0)  # store only the top-k logits (exact when k = classes)
+    dir: str | None = None  # default: $KDFLOW_CACHE or .kdflow-cache/
+
+
 class TrainSpec(Strict):
     epochs: int = Field(10, ge=0)
     batch_size: int = Field(128, gt=0)
@@ -223,6 +232,8 @@ class TrainSpec(Strict):
     channels_last: bool = False  # NHWC memory format for image models; faster for convolutions on some CPUs
     save_epochs: list[int] = []  # also keep nodes/NODE-epochE.pt after these epochs (ESKD's early teachers)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast for the forward passes; losses stay fp32
+    views: int | None = Field(None, ge=1)  # fixed augmented views per sample (replayable); None: fresh every epoch
+    teacher_cache: TeacherCacheSpec = TeacherCacheSpec()  # needs views; views default to the stage's epochs
 
 
 class AugmentSpec(Strict):

@@ -69,3 +69,21 @@ def test_standard_pair_quick_run(pair: str, cifar: Path, tmp_path: Path, capsys)
     code = main(["train", *files, "--out", str(tmp_path / "run"), "--no-progress", "--set", *QUICK])
     assert code == 0, capsys.readouterr().err
     assert f"| student | {pair.split('-')[1]} |" in capsys.readouterr().out
+
+
+def test_imagenet_pairs_run_quickly_on_a_tiny_folder(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    from formats import make_folder
+
+    make_folder(tmp_path / "images")
+    monkeypatch.chdir(ROOT)
+    teacher = tmp_path / "t.pt"
+    from kdflow.checkpoint import model_file, save_atomic
+
+    save_atomic(model_file("resnet34_imagenet", {}, 3, (3, 32, 32), build_model("resnet34_imagenet", 3, (3, 32, 32)).state_dict()), teacher)
+    files = ["recipes/imagenet/protocol.yaml", "recipes/imagenet/pairs/resnet34-resnet18.yaml", "recipes/methods/kd.yaml"]
+    quick = [f"nodes.teacher.checkpoint={teacher}", f"data.root={tmp_path / 'images'}", "data.options.image_size=32",
+             "train.epochs=1", "train.batch_size=4"]
+    assert main(["train", *files, "--out", str(tmp_path / "run"), "--no-progress", "--set", *quick]) == 0, capsys.readouterr().err
+    assert "| student | resnet18_imagenet |" in capsys.readouterr().out
+    pair = load_recipe([ROOT / "recipes/imagenet/protocol.yaml", ROOT / "recipes/imagenet/pairs/resnet50-mobilenetv1.yaml"])
+    assert pair.nodes["student"].arch == "mobilenetv1_imagenet" and pair.train.schedule.milestones == [30, 60, 90]

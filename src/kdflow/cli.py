@@ -40,7 +40,8 @@ def cmd_teacher_train(args: argparse.Namespace) -> int:
         files = [p for p in (Path(f"recipes/{args.data}/protocol.yaml"), Path(f"recipes/{args.data}/teacher.yaml")) if p.exists()]
         if not files:
             raise RecipeError(f"no recipes/{args.data}/teacher.yaml here; run from the repository root or pass --recipe")
-    recipe = load_recipe(files, [f"nodes.teacher.arch={args.arch}", f"data.name={args.data}", *args.set])
+    # --data names the recipes folder; its protocol names the data set (recipes/imagenet -> image_folder)
+    recipe = load_recipe(files, [f"nodes.teacher.arch={args.arch}", *args.set])
     key = args.key or f"{args.data}-{args.arch}" + (f"-seed{recipe.seed}" if recipe.seed else "")
     out = Path(args.out) if args.out else Path("runs") / "teachers" / key
     summary = train(recipe, out, resume=args.resume, progress=None if not args.no_progress else False)

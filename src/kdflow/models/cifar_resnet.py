@@ -77,6 +77,21 @@ class BasicBlock(nn.Module):
         return self.relu_out(self.preact(out))
 
 
+def make_stage(block: type[nn.Module], inplanes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
+    """`blocks` residual blocks, the first with `stride` and, when the shape changes, a 1×1 conv-BN
+    shortcut (`downsample`); the last block's output ReLU is not in-place (`is_last`, for taps)."""
+    downsample = None
+    if stride != 1 or inplanes != planes * block.expansion:
+        downsample = nn.Sequential(
+            nn.Conv2d(inplanes, planes * block.expansion, 1, stride=stride, bias=False),
+            nn.BatchNorm2d(planes * block.expansion),
+        )
+    layers = [block(inplanes, planes, stride, downsample, is_last=blocks == 1)]
+    for i in range(1, blocks):
+        layers.append(block(planes * block.expansion, planes, is_last=i == blocks - 1))
+    return nn.Sequential(*layers)
+
+
 class CifarResNet(nn.Module):
     """The benchmark's CIFAR ResNet: 3×3 conv stem, three stages of `n` basic blocks, global pool, ``fc``."""
 
@@ -98,17 +113,9 @@ class CifarResNet(nn.Module):
         init_weights(self)
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
-        downsample = None
-        if stride != 1 or self.inplanes != planes * BasicBlock.expansion:
-            downsample = nn.Sequential(
-                nn.Conv2d(self.inplanes, planes * BasicBlock.expansion, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(planes * BasicBlock.expansion),
-            )
-        layers = [BasicBlock(self.inplanes, planes, stride, downsample, is_last=blocks == 1)]
+        stage = make_stage(BasicBlock, self.inplanes, planes, blocks, stride)
         self.inplanes = planes * BasicBlock.expansion
-        for i in range(1, blocks):
-            layers.append(BasicBlock(self.inplanes, planes, is_last=i == blocks - 1))
-        return nn.Sequential(*layers)
+        return stage
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from kdflow.models.cifar_resnet import BasicBlock, _stage_taps, init_weights
+from kdflow.models.cifar_resnet import BasicBlock, _stage_taps, init_weights, make_stage
 from kdflow.models.registry import register_model
 
 
@@ -94,17 +94,9 @@ class ImageNetResNet(nn.Module):
                     nn.init.zeros_(m.bn2.weight)
 
     def _make_layer(self, block: type[BasicBlock | Bottleneck], planes: int, blocks: int, stride: int) -> nn.Sequential:
-        downsample = None
-        if stride != 1 or self.inplanes != planes * block.expansion:
-            downsample = nn.Sequential(
-                nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(planes * block.expansion),
-            )
-        layers = [block(self.inplanes, planes, stride, downsample, is_last=blocks == 1)]
+        stage = make_stage(block, self.inplanes, planes, blocks, stride)
         self.inplanes = planes * block.expansion
-        for i in range(1, blocks):
-            layers.append(block(self.inplanes, planes, is_last=i == blocks - 1))
-        return nn.Sequential(*layers)
+        return stage
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from kdflow.cli_study import add_study_commands
 from kdflow.flow.errors import RecipeError
 
 
@@ -189,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("method", help="a method name, or 'all' for every method as Markdown (text and Mermaid)")
     d.add_argument("--mermaid", action="store_true", help="print a Mermaid flowchart")
     d.set_defaults(fn=cmd_describe)
+
+    add_study_commands(sub)
     return p
 
 

@@ -39,10 +39,11 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def _format(err: ValidationError) -> str:
+def format_validation_error(err: ValidationError) -> str:
+    """A pydantic error as one line: `field.path: message; ...`, unknown fields named as such."""
     parts = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "function_")))
         msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(parts)
@@ -61,7 +62,7 @@ def resolve(raw: dict, source: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(expanded)
     except ValidationError as e:
-        raise RecipeError(f"{source}: {_format(e)}") from None
+        raise RecipeError(f"{source}: {format_validation_error(e)}") from None
 
 
 def merge(base: dict, extra: dict) -> dict:

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kdflow.flow.errors import RecipeError
+from kdflow.flow.recipe import format_validation_error
 from kdflow.flow.spec import DataSpec, TrainSpec
 
 
@@ -98,7 +99,7 @@ def _check(model: type[BaseModel], value: dict, where: str) -> None:
     try:
         model.model_validate(value)
     except ValidationError as e:
-        raise ValueError(f"{where}.{_format(e)}") from None
+        raise ValueError(f"{where}.{format_validation_error(e)}") from None
 
 
 class DatasetSpec(Strict):
@@ -195,15 +196,6 @@ class StudySpec(Strict):
         ]
 
 
-def _format(err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "function_")))
-        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(parts)
-
-
 def parse_study(raw: Any, source: str = "study") -> StudySpec:
     """Validate a study mapping; any fault is one RecipeError line naming the place."""
     if not isinstance(raw, dict):
@@ -211,7 +203,7 @@ def parse_study(raw: Any, source: str = "study") -> StudySpec:
     try:
         return StudySpec.model_validate(raw)
     except ValidationError as e:
-        raise RecipeError(f"{source}: {_format(e)}") from None
+        raise RecipeError(f"{source}: {format_validation_error(e)}") from None
 
 
 def load_study(path: str | Path) -> tuple[StudySpec, str]:

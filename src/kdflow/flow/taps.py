@@ -105,7 +105,7 @@ class TapRecorder:
         self.values, self.versions, self.calls = {}, {}, {}
         self.recording = True
         try:
-            output = (runner or self.model)(x)
+            output = (runner if runner is not None else self.model)(x)
         finally:
             self.recording = False
         values = dict(self.values)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import matplotlib
 
@@ -22,6 +23,26 @@ from kdflow.study.tables import _order, in_pair, mean_std, pairs_of  # noqa: E40
 Plots = dict[str, list[tuple[str, str]]]  # dataset -> [(title, file name)]
 PANELS = (("best_top1", "best-epoch top-1 (%)"), ("last_top1", "last-epoch top-1 (%)"))
 
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One kind of accuracy-against-corruption plot: noise rate or imbalance ratio on the x axis."""
+
+    what: str  # "noise" or "imbalance": rows carry WHAT_kind
+    other: str  # the other corruption's kind column, which must be empty in the rows plotted
+    value: str  # the column swept
+    title: str
+    xlabel: str
+    x: Callable[[dict], float]
+    log_x: bool = False
+
+
+SWEEPS = (
+    Sweep("noise", "imbalance_kind", "noise_rate", "label-noise rate", "{kind} noise rate (%)", lambda r: 100 * r["noise_rate"]),
+    Sweep("imbalance", "noise_kind", "imbalance_ratio", "imbalance ratio ρ (1 = balanced)", "imbalance ratio ρ",
+          lambda r: r["imbalance_ratio"], log_x=True),
+)
 
 def _slug(*parts: Any) -> str:
     return "-".join(re.sub(r"[^A-Za-z0-9_.]+", "_", str(p)).strip("_") for p in parts)
@@ -196,41 +217,17 @@ def make_plots(rows: list[dict[str, Any]], meta: dict[str, Any], curves: list[di
             pt = [t for t in ds_teachers if in_pair(t, pname, p)]
             if not any(r["pair"] == pname for r in ps):
                 continue
-            for kind in sorted({r["noise_kind"] for r in ps if r["noise_kind"] and not r["imbalance_kind"]}):
-                sel = [r for r in ps if not r["imbalance_kind"] and r["noise_kind"] in (None, kind)]
-                tsel = [t for t in pt if not t["imbalance_kind"] and t["noise_kind"] in (None, kind)]
-                if len({r["noise_rate"] for r in sel if r["pair"] == pname}) >= 2:
-                    name = _slug("noise", kind, dataset, pname) + ".png"
-                    title = f"{dataset}, pair {pname}: top-1 against {kind} label-noise rate"
-                    _sweep(
-                        out / name,
-                        title,
-                        f"{kind} noise rate (%)",
-                        sel,
-                        tsel,
-                        methods,
-                        colors,
-                        lambda r: 100 * r["noise_rate"],
-                    )
-                    emit(dataset, title, name)
-            for kind in sorted({r["imbalance_kind"] for r in ps if r["imbalance_kind"] and not r["noise_kind"]}):
-                sel = [r for r in ps if not r["noise_kind"] and r["imbalance_kind"] in (None, kind)]
-                tsel = [t for t in pt if not t["noise_kind"] and t["imbalance_kind"] in (None, kind)]
-                if len({r["imbalance_ratio"] for r in sel if r["pair"] == pname}) >= 2:
-                    name = _slug("imbalance", kind, dataset, pname) + ".png"
-                    title = f"{dataset}, pair {pname}: top-1 against {kind} imbalance ratio ρ (1 = balanced)"
-                    _sweep(
-                        out / name,
-                        title,
-                        "imbalance ratio ρ",
-                        sel,
-                        tsel,
-                        methods,
-                        colors,
-                        lambda r: r["imbalance_ratio"],
-                        log_x=True,
-                    )
-                    emit(dataset, title, name)
+            for sweep in SWEEPS:
+                axis, other = f"{sweep.what}_kind", sweep.other
+                for kind in sorted({r[axis] for r in ps if r[axis] and not r[other]}):
+                    sel = [r for r in ps if not r[other] and r[axis] in (None, kind)]
+                    tsel = [t for t in pt if not t[other] and t[axis] in (None, kind)]
+                    if len({r[sweep.value] for r in sel if r["pair"] == pname}) >= 2:
+                        name = _slug(sweep.what, kind, dataset, pname) + ".png"
+                        title = f"{dataset}, pair {pname}: top-1 against {kind} {sweep.title}"
+                        _sweep(out / name, title, sweep.xlabel.format(kind=kind), sel, tsel, methods, colors,
+                               sweep.x, log_x=sweep.log_x)
+                        emit(dataset, title, name)
         for cond in conditions:
             by_student: dict[str, list[str]] = defaultdict(list)
             for pname, p in pairs.items():

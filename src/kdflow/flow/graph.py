@@ -268,11 +268,13 @@ class Flow(nn.Module):
             with torch.autocast(x.device.type, dtype=self.autocast_dtype):
                 taps = self.run_nodes(x, stage, cached)
             taps = {k: v.float() if v.is_floating_point() else v for k, v in taps.items()}
-        out = FlowOutput(total=torch.zeros((), device=x.device))
+        # the sum is float32, or float64 when the nodes run in float64 (parity checks)
+        loss_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        out = FlowOutput(total=torch.zeros((), device=x.device, dtype=loss_dtype))
         for node in stage.train:
             logits = taps[f"{node}.logits"]
             out.logits[node] = logits
-            out.node_ce[node] = F.cross_entropy(logits.float(), y)
+            out.node_ce[node] = F.cross_entropy(logits.to(loss_dtype), y)
         for node, sup in self.recipe.active_supervision(stage).items():
             w = weight_at(sup.weight, epoch)
             label = f"{sup.loss}({node})"

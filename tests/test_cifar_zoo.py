@@ -39,10 +39,14 @@ PARAMS = {
 }
 
 STAGES = {name: 3 for name in PARAMS}
-STAGES.update({"ResNet50": 4, "MobileNetV2": 4, **{v: 5 for v in ("vgg8", "vgg11", "vgg13", "vgg16", "vgg19")}})
+# the benchmark's feature list without stem and embedding (RepDistiller models/*.py, forward(is_feat=True)):
+# VGG's block0 is its stem, so a VGG has 4 stages
+STAGES.update({"ResNet50": 4, "MobileNetV2": 4, **{v: 4 for v in ("vgg8", "vgg11", "vgg13", "vgg16", "vgg19")}})
 
 # models whose stage outputs follow a ReLU (MobileNetV2's linear bottlenecks do not)
-RELU_STAGES = {"resnet8", "wrn_16_1", "vgg8", "ShuffleV1", "ShuffleV2"}
+RELU_STAGES = {"resnet8", "vgg8", "ShuffleV1", "ShuffleV2"}
+# pre-activation WRNs: a stage is the raw residual sum, its activation is the next block's BN-ReLU (stageK_act)
+ACT_STAGES = {"wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2"}
 
 
 @pytest.mark.parametrize("arch", sorted(PARAMS))
@@ -81,13 +85,16 @@ def test_forward_and_taps(arch):
     assert set(values) == taps | {"logits"}
     embedding = values["embedding"]
     assert embedding.dim() == 2 and embedding.shape[0] == 2
-    last_stage = values[f"stage{STAGES[arch]}"]
+    last_stage = values[f"stage{STAGES[arch]}" + ("_act" if arch in ACT_STAGES else "")]
     if arch not in ("MobileNetV2", "ShuffleV2"):  # those two have a 1×1 conv head after the last stage
         assert torch.allclose(embedding, last_stage.mean(dim=(2, 3)), atol=1e-5)
     for k in range(1, STAGES[arch] + 1):
         pre, post = values[f"stage{k}_pre"], values[f"stage{k}"]
         assert pre.shape == post.shape and pre.shape[0] == 2
-        if arch in RELU_STAGES:
+        if arch in ACT_STAGES:
+            assert (post < 0).any(), "a WRN stage is the raw residual sum"
+            assert torch.equal(F.relu(pre), values[f"stage{k}_act"])
+        elif arch in RELU_STAGES:
             assert (pre < 0).any(), "the pre-activation tap should hold negative values"
             assert torch.equal(F.relu(pre), post)
         else:
@@ -121,7 +128,8 @@ def test_stage_shapes():
     mbv2 = stage_shapes(build_model("MobileNetV2", 100, SHAPE), SHAPE)
     assert [mbv2[f"stage{k}"] for k in range(1, 5)] == [(12, 16, 16), (16, 8, 8), (48, 4, 4), (160, 2, 2)]
     vgg = stage_shapes(build_model("vgg8", 100, SHAPE), SHAPE)
-    assert [vgg[f"stage{k}"] for k in range(1, 6)] == [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 4, 4)]
+    assert vgg["stem"] == (64, 32, 32)
+    assert [vgg[f"stage{k}"] for k in range(1, 5)] == [(128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 4, 4)]
 
 
 def test_count_flops_tiny_model():

@@ -25,6 +25,7 @@ from kdflow.flow.spec import (
     weight_at,
 )
 from kdflow.flow.supervision import SUPERVISION
+from kdflow.flow.stage_taps import expand_stage_taps
 from kdflow.flow.taps import TapRecorder, resolve_module
 from kdflow.models import build_model
 
@@ -116,6 +117,9 @@ class Flow(nn.Module):
             self.models[name] = _seeded_build(recipe, name, i, num_classes, input_shape)
             if recipe.nodes[name].checkpoint:
                 load_node_checkpoint(self.models[name], name, recipe.nodes[name].arch, recipe.nodes[name].checkpoint)
+        # stage positions (last_stage, all_stages, stage[i]) become concrete taps now that the models exist
+        recipe, self.transfer_origin = expand_stage_taps(recipe, dict(self.models))
+        self.recipe = recipe
         taps: dict[str, set[str]] = {name: {"logits"} for name in recipe.nodes}
         for t in recipe.transfers:
             for tap in [*t.targets, *t.sources]:
@@ -123,7 +127,7 @@ class Flow(nn.Module):
                 taps[node].add(name)
         self.recorders: dict[str, TapRecorder] = {}
         for i, t in enumerate(recipe.transfers):
-            for where, tap in [(f"transfers.{i}.to", s) for s in t.targets] + [(f"transfers.{i}.from", s) for s in t.sources]:
+            for where, tap in [(f"{self.where(i)}.to", s) for s in t.targets] + [(f"{self.where(i)}.from", s) for s in t.sources]:
                 node, name = split_tap(tap)
                 try:
                     TapRecorder(node, self.models[node], {name}).remove()
@@ -139,6 +143,13 @@ class Flow(nn.Module):
         if sample is not None:
             self._check_shapes(sample)
 
+    def where(self, i: int) -> str:
+        """The recipe place of the Flow's transfer `i` (transfers expanded from all_stages share their recipe index)."""
+        origin = self.transfer_origin[i]
+        taps = self.recipe.transfers[i].targets
+        expanded = self.transfer_origin.count(origin) > 1
+        return f"transfers.{origin}" + (f" ({taps[0].split('.', 1)[1]})" if expanded else "")
+
     def _check_shapes(self, sample: torch.Tensor) -> None:
         shapes: dict[str, tuple[int, ...]] = {}
         values: dict[str, torch.Tensor] = {}
@@ -152,7 +163,7 @@ class Flow(nn.Module):
         for n, m in self.models.items():
             m.train(was_training[n])
         for i, t in enumerate(self.recipe.transfers):
-            where = f"transfers.{i}"
+            where = self.where(i)
             crit = CRITERIA[t.criterion]
             if isinstance(t.source, FuseSpec) and len({shapes[s] for s in t.sources}) > 1:
                 listed = ", ".join(f"{s} {shapes[s]}" for s in t.sources)
@@ -188,7 +199,7 @@ class Flow(nn.Module):
                 self.transfer_value(i, t, values, context)
         except (RuntimeError, ValueError) as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise RecipeError(f"transfers.{i}: criterion {t.criterion!r} cannot compare these taps: {first}") from None
+            raise RecipeError(f"{self.where(i)}: criterion {t.criterion!r} cannot compare these taps: {first}") from None
 
     def _build_criterion(self, i: int, t: TransferSpec, tgt_shape, src_shape) -> nn.Module:
         src_node, src_tap = split_tap(t.sources[0])
@@ -207,7 +218,7 @@ class Flow(nn.Module):
         try:
             return CRITERIA[t.criterion].fn(tgt_shape, src_shape, info, **t.params)
         except (ValueError, TypeError) as e:
-            raise RecipeError(f"transfers.{i}: criterion {t.criterion!r}: {e}") from None
+            raise RecipeError(f"{self.where(i)}: criterion {t.criterion!r}: {e}") from None
 
     def helpers_of(self, node: str) -> list[nn.Module]:
         """The trainable helpers a node owns: connectors and criterion modules of transfers into it."""

@@ -9,12 +9,14 @@ and one ``classifier`` linear layer. Parameter names follow the benchmark, so it
 
 Tap names (``model.tap_names``):
 
-* ``stem``: the first conv-BN-ReLU (for vgg8/vgg11, whose first block has one conv, the same
-  module as ``stage1``).
-* ``stage1``..``stage5``: the output of ``block0``..``block4`` after its final ReLU.
-* ``stage1_pre``..``stage5_pre``: the same before that ReLU (the block's ``nn.Identity`` just
+Taps follow the benchmark's feature list ``[f0, f1, .., f4, pooled]`` (RepDistiller ``models/vgg.py``,
+``forward(is_feat=True)``), in which ``block0`` is the stem:
+
+* ``stem``: the output of ``block0`` after its final ReLU (f0).
+* ``stage1``..``stage4``: the output of ``block1``..``block4`` after its final ReLU (f1..f4).
+* ``stage1_pre``..``stage4_pre``: the same before that ReLU (the block's ``nn.Identity`` just
   before it); ``relu(stageK_pre) == stageK``.
-* ``embedding`` (generic): the input of ``classifier``, the pooled ``stage5``.
+* ``embedding`` (generic): the input of ``classifier``, the pooled ``stage4``.
 """
 from __future__ import annotations
 
@@ -59,10 +61,11 @@ class CifarVGG(nn.Module):
         self.pool3 = nn.MaxPool2d(2, 2) if input_shape[1] >= 64 else nn.Identity()
         self.pool4 = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(WIDTHS[-1], num_classes)
-        self.tap_names = {"stem": "block0.2" if convs[0] > 1 else f"block0.{3 * convs[0]}"}
-        for k, n in enumerate(convs):
-            self.tap_names[f"stage{k + 1}"] = f"block{k}.{3 * n}"
-            self.tap_names[f"stage{k + 1}_pre"] = f"block{k}.{3 * n - 1}"
+        # the benchmark's feature list: block0 is the stem (f0), block1..block4 the stages (f1..f4)
+        self.tap_names = {"stem": f"block0.{3 * convs[0]}"}
+        for k, n in enumerate(convs[1:], start=1):
+            self.tap_names[f"stage{k}"] = f"block{k}.{3 * n}"
+            self.tap_names[f"stage{k}_pre"] = f"block{k}.{3 * n - 1}"
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

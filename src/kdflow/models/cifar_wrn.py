@@ -8,15 +8,15 @@ then BN-ReLU, global average pool and ``fc``. Parameter names follow the benchma
 
 Being pre-activation, a stage's residual output has no ReLU of its own: the next stage's first
 block normalises and activates it (the final ``bn1``/``relu`` for the last stage). The taps
-follow the benchmark's pre-ReLU features (its ``get_bn_before_relu``):
+follow the benchmark's feature list (RepDistiller and mdistiller ``models/.../wrn.py``, ``forward``:
+``[f0, f1, f2, f3]`` raw, and the pre-activation list ``bn(f_k)`` of ``get_bn_before_relu``):
 
-* ``stem``: ReLU(BN(stem conv)), the first activation (``block1.layer.0.relu1``).
-* ``stage1``..``stage3``: ReLU(BN(stage output)), the activation the next stage (or the head)
-  consumes: ``block2.layer.0.relu1``, ``block3.layer.0.relu1`` and ``relu``.
-* ``stage1_pre``..``stage3_pre``: the same value before the ReLU (``block2.layer.0.bn1``,
-  ``block3.layer.0.bn1``, ``bn1``); ``relu(stageK_pre) == stageK``.
-* ``stage1_raw``..``stage3_raw``: the stage's raw residual output (``block1``..``block3``), the
-  features the benchmark feeds hint/attention losses.
+* ``stem``: the stem conv's output (f0).
+* ``stage1``..``stage3``: the stage's raw residual output (``block1``..``block3``, f1..f3).
+* ``stage1_pre``..``stage3_pre``: the batch norm that the next stage (or the head) applies to it
+  (``block2.layer.0.bn1``, ``block3.layer.0.bn1``, ``bn1``), the benchmark's pre-activation feature.
+* ``stage1_act``..``stage3_act``: ReLU of that (``block2.layer.0.relu1``, ``block3.layer.0.relu1``,
+  ``relu``), the activation the next stage consumes; ``relu(stageK_pre) == stageK_act``.
 * ``embedding`` (generic): the input of ``fc``, the pooled ``stage3``.
 """
 from __future__ import annotations
@@ -89,16 +89,16 @@ class WideResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[3], num_classes)
         self.tap_names = {
-            "stem": "block1.layer.0.relu1",
-            "stage1": "block2.layer.0.relu1",
+            "stem": "conv1",
+            "stage1": "block1",
             "stage1_pre": "block2.layer.0.bn1",
-            "stage1_raw": "block1",
-            "stage2": "block3.layer.0.relu1",
+            "stage1_act": "block2.layer.0.relu1",
+            "stage2": "block2",
             "stage2_pre": "block3.layer.0.bn1",
-            "stage2_raw": "block2",
-            "stage3": "relu",
+            "stage2_act": "block3.layer.0.relu1",
+            "stage3": "block3",
             "stage3_pre": "bn1",
-            "stage3_raw": "block3",
+            "stage3_act": "relu",
         }
         init_weights(self)
         nn.init.zeros_(self.fc.bias)

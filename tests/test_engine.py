@@ -141,6 +141,30 @@ def test_save_atomic_keeps_old_file_on_failure(tmp_path: Path) -> None:
 
 def test_lr_schedules() -> None:
     multi = ScheduleSpec(kind="multistep", milestones=[2, 4], gamma=0.1, warmup_epochs=1)
-    assert [lr_factor(multi, e, 6) for e in [0.5, 1.0, 1.5, 2.0, 4.5]] == pytest.approx([0.5, 1.0, 1.0, 0.1, 0.01])
+    # the last step of epoch index 1 (epoch 2.0 done) still runs at full lr; the first step of index 2 decays
+    assert [lr_factor(multi, e, 6) for e in [0.5, 1.0, 1.5, 2.0, 2.25, 4.0, 4.25]] == pytest.approx([0.5, 1.0, 1.0, 1.0, 0.1, 0.1, 0.01])
+
+
+def test_multistep_decays_at_the_epoch_boundary(kd_raw: dict, tmp_path: Path, monkeypatch) -> None:
+    """Milestone m as the benchmark's adjust_learning_rate (RepDistiller train_student.py, called at the start of
+    each 1-based epoch with `epoch > milestone`): every step of the first m epochs runs at the base lr, every step
+    of epoch m + 1 at gamma times it. The engine's lr of each step is recorded through the optimizer."""
+    seen: list[tuple[int, float]] = []
+    real_step = torch.optim.SGD.step
+
+    def step(self, *a, **k):
+        seen.append((len(seen), self.param_groups[0]["lr"]))
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    raw = {**kd_raw, "train": {"epochs": 3, "batch_size": 32, "optim": {"lr": 0.1},
+                               "schedule": {"kind": "multistep", "milestones": [1, 2], "gamma": 0.1}}}
+    train(resolve(raw), tmp_path / "run", **QUIET)
+    lrs = [lr for _, lr in seen]
+    per_epoch = len(lrs) // 3  # 96 samples, batch 32: 3 steps an epoch
+    assert len(lrs) == 9 and per_epoch == 3
+    assert lrs[0] == lrs[per_epoch - 1] == pytest.approx(0.1)  # first and last step of epoch 1
+    assert lrs[per_epoch] == lrs[2 * per_epoch - 1] == pytest.approx(0.01)  # epoch 2 (after milestone 1)
+    assert lrs[2 * per_epoch] == lrs[-1] == pytest.approx(0.001)
     cos = ScheduleSpec(kind="cosine")
     assert [lr_factor(cos, e, 4) for e in [0, 1, 2, 4]] == pytest.approx([1.0, 0.5 + 0.5 * 2**-0.5, 0.5, 0.0])

@@ -54,8 +54,26 @@ def model_file(arch: str, args: dict, num_classes: int, input_shape: tuple[int, 
     }
 
 
+# where other code bases keep the weights in a checkpoint dict: RepDistiller and mdistiller save
+# {'model': state_dict, ...}; others use 'state_dict' or 'net'
+FOREIGN_WEIGHT_KEYS = ("model", "state_dict", "net")
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _strip_module_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys saved from a DataParallel / DDP wrapper carry 'module.'; the model's own keys do not."""
+    if all(k.startswith("module.") for k in state):
+        return {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
 def read_model_file(path: str | Path) -> dict:
-    """Read a model checkpoint written by `model_file`; a bare state dict is accepted too (no metadata)."""
+    """Read a model checkpoint: kdflow's format (`model_file`), a bare state dict, or another code base's
+    checkpoint dict holding the state dict under 'model', 'state_dict' or 'net' (RepDistiller, mdistiller),
+    with any 'module.' prefix removed. Read with weights_only loading only."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint")
@@ -65,6 +83,29 @@ def read_model_file(path: str | Path) -> dict:
         raise ValueError(f"{path}: not a loadable weights-only checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if isinstance(obj, dict) and obj.get("format") == MODEL_FORMAT:
         return obj
-    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return {"state_dict": obj}
-    raise ValueError(f"{path}: not a kdflow model checkpoint or a state dict")
+    if _is_state_dict(obj):
+        return {"state_dict": _strip_module_prefix(obj)}
+    if isinstance(obj, dict):
+        for key in FOREIGN_WEIGHT_KEYS:
+            if _is_state_dict(obj.get(key)):
+                return {"state_dict": _strip_module_prefix(obj[key]), "source_key": key}
+    keys = ", ".join(map(str, list(obj)[:6])) if isinstance(obj, dict) else type(obj).__name__
+    raise ValueError(
+        f"{path}: not a kdflow model checkpoint, a state dict, or a dict with one under "
+        f"{', '.join(repr(k) for k in FOREIGN_WEIGHT_KEYS)} (found: {keys})"
+    )
+
+
+def state_dict_mismatch(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> str | None:
+    """One line naming the missing, unexpected and wrongly shaped keys of `state` for `model`, or None if it fits."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+
+    def listed(what: str, keys: list[str]) -> str:
+        more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
+        return f"{len(keys)} {what}: {', '.join(keys[:3])}{more}"
+
+    parts = [listed(w, k) for w, k in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if k]
+    return "; ".join(parts) if parts else None

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdflow.checkpoint import read_model_file
+from kdflow.checkpoint import read_model_file, state_dict_mismatch
 from kdflow.flow.connectors import build_connector
 from kdflow.flow.criteria import CRITERIA, BuildInfo
 from kdflow.flow.errors import RecipeError
@@ -72,11 +72,10 @@ def load_node_checkpoint(model: nn.Module, name: str, spec_arch: str, path: str)
         raise RecipeError(f"nodes.{name}.checkpoint: {e}") from None
     if "arch" in ckpt and ckpt["arch"] != spec_arch:
         raise RecipeError(f"nodes.{name}.checkpoint: {path} holds a {ckpt['arch']!r}, the recipe says {spec_arch!r}")
-    try:
-        model.load_state_dict(ckpt["state_dict"], strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise RecipeError(f"nodes.{name}.checkpoint: {path} does not fit {spec_arch!r}: {first}") from None
+    mismatch = state_dict_mismatch(model, ckpt["state_dict"])
+    if mismatch:
+        raise RecipeError(f"nodes.{name}.checkpoint: {path} does not fit {spec_arch!r}: {mismatch}")
+    model.load_state_dict(ckpt["state_dict"], strict=True)
 
 
 def fuse(sources: list[torch.Tensor], spec: FuseSpec) -> torch.Tensor:

@@ -92,10 +92,17 @@ def load_recipe(paths: str | Path | list[str | Path], overrides: list[str] | Non
     """Read one recipe file, or compose several (e.g. a teacher-student pair file, then a method file:
     later files override earlier ones), then apply `--set` overrides and validate."""
     paths = [Path(p) for p in (paths if isinstance(paths, list) else [paths])]
+    from kdflow.methods import apply_presets
+
     raw: dict = {}
     for path in paths:
         raw = merge(raw, read_yaml(path))
-    return resolve(apply_overrides(raw, overrides or []), " + ".join(str(p) for p in paths))
+    source = " + ".join(str(p) for p in paths)
+    try:
+        raw = apply_presets(raw)  # before --set, so an override wins over a preset
+    except RecipeError as e:
+        raise RecipeError(f"{source}: {e}") from None
+    return resolve(apply_overrides(raw, overrides or []), source)
 
 
 def dump_recipe(recipe: Recipe) -> str:

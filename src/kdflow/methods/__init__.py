@@ -2,7 +2,7 @@
 import importlib
 import pkgutil
 
-from kdflow.methods.registry import METHODS, Method, expand_methods, method_graph, register_method
+from kdflow.methods.registry import METHODS, Method, apply_presets, expand_methods, method_graph, register_method
 
 # every module in this package registers its methods on import
 for _info in pkgutil.iter_modules(__path__):
@@ -15,4 +15,4 @@ from kdflow.api import method_api  # noqa: E402
 for _name in list(METHODS):
     globals()[_name] = method_api(_name)
 
-__all__ = ["METHODS", "Method", "expand_methods", "method_graph", "register_method", *METHODS]
+__all__ = ["METHODS", "Method", "apply_presets", "expand_methods", "method_graph", "register_method", *METHODS]

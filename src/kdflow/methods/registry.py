@@ -60,6 +60,48 @@ def _method_entries(spec: Any) -> list[tuple[str, dict]]:
     return out
 
 
+PRESET_FIELDS = ("args", "train")
+
+
+def apply_presets(raw: dict) -> dict:
+    """Apply the recipe's `presets` (usually from a protocol or pair file) for the methods it names.
+
+    ``presets: {METHOD: {args: {...}, train: {...}}}``: `args` are METHOD's arguments, under the ones the
+    recipe gives explicitly (so ``--set method.beta=6`` still wins); `train` merges over the recipe's
+    `train` (a benchmark's per-method batch size and learning rate). Presets of methods the recipe does
+    not use are ignored; the key is removed.
+    """
+    if "presets" not in raw:
+        return raw
+    raw = copy.deepcopy(raw)
+    presets = raw.pop("presets") or {}
+    if not isinstance(presets, dict):
+        raise RecipeError(f"presets: expected a mapping of method names, got {type(presets).__name__}")
+    for name, preset in presets.items():
+        if name not in METHODS:
+            raise RecipeError(f"presets.{name}: unknown method; known: {', '.join(sorted(METHODS))}")
+        if not isinstance(preset, dict) or any(k not in PRESET_FIELDS for k in preset):
+            raise RecipeError(f"presets.{name}: expected a mapping with {' and/or '.join(PRESET_FIELDS)}")
+    if "method" not in raw:
+        return raw
+    entries = []
+    for name, args in _method_entries(raw["method"]):
+        preset = presets.get(name, {})
+        entries.append({"name": name, **(preset.get("args") or {}), **args})
+        for key, value in preset.items():
+            if key != "args":
+                raw[key] = _merged(raw.get(key) or {}, value)
+    raw["method"] = entries if isinstance(raw["method"], list) else entries[0]
+    return raw
+
+
+def _merged(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else copy.deepcopy(value)
+    return out
+
+
 def expand_methods(raw: dict) -> dict:
     """Merge the graphs of the recipe's `method:` entries into the recipe (recipe fields win).
 
@@ -67,6 +109,7 @@ def expand_methods(raw: dict) -> dict:
     the first method that has stages sets them, unless the recipe gives its own; `drop` and
     `ensembles` merge by key.
     """
+    raw = apply_presets(raw)
     if "method" not in raw:
         return raw
     raw = copy.deepcopy(raw)

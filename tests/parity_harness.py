@@ -78,6 +78,26 @@ def fixed_batch(batch_size: int = 16, seed: int = 0, num_data: int = 2000) -> Ba
     return Batch(x, y, index, num_data)
 
 
+def split_labels(batch: Batch, num_classes: int = NUM_CLASSES) -> torch.Tensor:
+    """Labels of a balanced training split of `batch.num_data` samples (num_data / num_classes per class, as
+    CIFAR-100's) in which the batch's samples carry the batch's labels: labels[batch.index] == batch.y.
+    The other positions get the remaining labels in a fixed shuffled order."""
+    per_class = batch.num_data // num_classes
+    if per_class * num_classes != batch.num_data:
+        raise ValueError("num_data must be a multiple of num_classes")
+    remaining = torch.full((num_classes,), per_class, dtype=torch.long) - torch.bincount(batch.y, minlength=num_classes)
+    if bool((remaining < 0).any()):
+        raise ValueError("the batch holds more samples of a class than the split does")
+    rest = torch.repeat_interleave(torch.arange(num_classes), remaining)
+    rest = rest[torch.randperm(rest.numel(), generator=torch.Generator().manual_seed(11))]
+    labels = torch.empty(batch.num_data, dtype=torch.long)
+    others = torch.ones(batch.num_data, dtype=torch.bool)
+    others[batch.index] = False
+    labels[others] = rest
+    labels[batch.index] = batch.y
+    return labels
+
+
 def build_flow(method: str, pair: str, tmp: Path, overrides: list[str] | None = None, seed: int = 0,
                batch: Batch | None = None, train_labels: torch.Tensor | None = None) -> Flow:
     """protocol + pair + methods/METHOD.yaml, built as the engine builds it, with the fixed teacher as a
@@ -91,7 +111,7 @@ def build_flow(method: str, pair: str, tmp: Path, overrides: list[str] | None = 
                          [f"nodes.teacher.checkpoint={ckpt}", *(overrides or [])])
     batch = batch or fixed_batch()
     torch.manual_seed(seed)
-    flow = Flow(recipe, NUM_CLASSES, INPUT, batch.x[:2].float(), num_data=batch.num_data)
+    flow = Flow(recipe, NUM_CLASSES, INPUT, batch.x[:2].float(), num_data=batch.num_data, train_labels=train_labels)
     flow.models["student"].load_state_dict({k: v.float() for k, v in student.state_dict().items()})
     flow.models["teacher"].load_state_dict({k: v.float() for k, v in teacher.state_dict().items()})
     return flow.double()
@@ -117,3 +137,25 @@ def read_fixture(name: str) -> dict:
 
 def rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-300)
+
+
+def class_contrast(labels: torch.Tensor, index: torch.Tensor, k: int, mode: str = "exact", seed: int = 0,
+                   num_classes: int = NUM_CLASSES) -> torch.Tensor:
+    """CRD contrast sets (B, k+1), positive first, drawn with numpy's global generator seeded with `seed`, in the
+    order and with the calls by which RepDistiller's CIFAR100InstanceSample draws them for each sample in turn: the
+    other classes' samples listed class by class, `np.random.choice` of k of them (without replacement unless k
+    exceeds their number); in `relax` mode a `np.random.choice` of one sample of the own class first. The parity
+    generator checks that this gives exactly the reference dataset's indices."""
+    import numpy as np
+
+    lab = labels.numpy()
+    members = [np.flatnonzero(lab == c) for c in range(num_classes)]
+    np.random.seed(seed)
+    rows = []
+    for i in index.tolist():
+        c = int(lab[i])
+        negatives = np.concatenate([members[j] for j in range(num_classes) if j != c])
+        positive = np.random.choice(members[c], 1)[0] if mode == "relax" else i
+        neg = np.random.choice(negatives, k, replace=k > len(negatives))
+        rows.append(np.concatenate([[positive], neg]))
+    return torch.from_numpy(np.stack(rows)).long()

@@ -19,7 +19,7 @@ from kdflow.flow.graph import Flow
 
 def build(raw: dict, num_data: int = 96) -> Flow:
     torch.manual_seed(0)
-    return Flow(resolve(raw), 4, (1, 8, 8), torch.randn(2, 1, 8, 8), num_data=num_data)
+    return Flow(resolve(raw), 4, (1, 8, 8), torch.randn(2, 1, 8, 8), num_data=num_data, train_labels=torch.arange(num_data) % 4)
 
 
 def batch(n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:

@@ -220,17 +220,17 @@ def test_review_fusion_gradients_with_hcl():
 # --------------------------------------------------------------------------- CRD
 
 M, D, K, B = 6, 4, 3, 3
+EPS = 1e-7  # RepDistiller's ContrastLoss adds it to the NCE denominators
 
 
 def np_normalize(x):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def np_crd(p, es, et, idx, neg, tau, z=None):
-    """Two-sided NCE loss of CRD; returns (loss, (z_s, z_t), (v_s, v_t))."""
+def np_crd(p, es, et, contrast, tau, z=None):
+    """Two-sided NCE loss of CRD over contrast sets (positive first); returns (loss, (z_s, z_t), (v_s, v_t))."""
     v_s = np_normalize(es @ p["embed_s.weight"].T + p["embed_s.bias"])
     v_t = np_normalize(et @ p["embed_t.weight"].T + p["embed_t.bias"])
-    contrast = np.concatenate([idx[:, None], neg], axis=1)
     c = K / M
     zs = []
     total = 0.0
@@ -241,17 +241,22 @@ def np_crd(p, es, et, idx, neg, tau, z=None):
         e = e / zz
         loss = 0.0
         for b in range(B):
-            loss += math.log(e[b, 0] / (e[b, 0] + c))
+            loss += math.log(e[b, 0] / (e[b, 0] + c + EPS))
             for k in range(1, K + 1):
-                loss += math.log(c / (e[b, k] + c))
+                loss += math.log(c / (e[b, k] + c + EPS))
         total += -loss / B
     return total, zs, (v_s, v_t)
 
 
-def make_crd(seed=0):
+def make_crd(seed=0, form="auto"):
     torch.manual_seed(seed)
     return CRDLoss(5, 7, num_data=M, feat_dim=D, num_negatives=K, temperature=0.5, momentum=0.3,
-                   generator=torch.Generator().manual_seed(seed + 100))
+                   generator=torch.Generator().manual_seed(seed + 100), mode="uniform", form=form)
+
+
+def contrast_of(idx, seed):
+    neg = torch.randint(0, M, (B, K), generator=torch.Generator().manual_seed(seed))
+    return torch.cat([idx.unsqueeze(1), neg], dim=1)
 
 
 def test_crd_buffers_in_state_dict():
@@ -260,21 +265,24 @@ def test_crd_buffers_in_state_dict():
     assert sd["memory_s"].shape == (M, D) and sd["memory_t"].shape == (M, D)
     assert {"z_s", "z_t", "embed_s.weight", "embed_t.weight"} <= set(sd)
     assert "memory_s" not in dict(crd.named_parameters())
+    assert "labels" not in sd  # the labels are data, not state
     # a fresh module loads the banks and Z back
     other = make_crd(seed=9)
     other.load_state_dict(sd)
     torch.testing.assert_close(other.memory_t, crd.memory_t)
 
 
-def test_crd_loss_matches_numpy_and_updates_banks():
-    crd = make_crd()
+@pytest.mark.parametrize("form", ["matmul", "gather"])
+def test_crd_loss_matches_numpy_and_updates_banks(form):
+    crd = make_crd(form=form)
+    assert crd.form == form
     es, et = rand(B, 5, seed=20), rand(B, 7, seed=21)
     idx = torch.tensor([4, 0, 2])
     p = params(crd)
-    neg = torch.randint(0, M, (B, K), generator=torch.Generator().manual_seed(123)).numpy()
-    ref, zs, (v_s, v_t) = np_crd(p, es.numpy().astype(np.float64), et.numpy().astype(np.float64), idx.numpy(), neg, 0.5)
+    contrast = contrast_of(idx, 123)
+    ref, zs, (v_s, v_t) = np_crd(p, es.numpy().astype(np.float64), et.numpy().astype(np.float64), contrast.numpy(), 0.5)
 
-    loss = crd(es, et, idx, generator=torch.Generator().manual_seed(123))
+    loss = crd(es, et, idx, contrast_indices=contrast)
     close(loss, ref, rel=1e-5)
     close(crd.z_s, zs[0], rel=1e-5)
     close(crd.z_t, zs[1], rel=1e-5)
@@ -290,19 +298,35 @@ def test_crd_loss_matches_numpy_and_updates_banks():
     # second batch: Z is kept from the first, banks are the updated ones
     p2 = params(crd)
     es2, et2, idx2 = rand(B, 5, seed=22), rand(B, 7, seed=23), torch.tensor([1, 5, 3])
-    neg2 = torch.randint(0, M, (B, K), generator=torch.Generator().manual_seed(7)).numpy()
-    ref2, _, _ = np_crd(p2, es2.numpy().astype(np.float64), et2.numpy().astype(np.float64), idx2.numpy(), neg2, 0.5, z=zs)
-    close(crd(es2, et2, idx2, generator=torch.Generator().manual_seed(7)), ref2, rel=1e-5)
+    contrast2 = contrast_of(idx2, 7)
+    ref2, _, _ = np_crd(p2, es2.numpy().astype(np.float64), et2.numpy().astype(np.float64), contrast2.numpy(), 0.5, z=zs)
+    close(crd(es2, et2, idx2, contrast_indices=contrast2), ref2, rel=1e-5)
 
 
-def test_crd_reproducible_and_explicit_contrast():
+def test_crd_float64_in_float64_out():
+    crd = make_crd().double()
+    es, et, idx = rand(B, 5, seed=20).double(), rand(B, 7, seed=21).double(), torch.tensor([4, 0, 2])
+    p = {k: v.detach().numpy() for k, v in crd.state_dict().items()}
+    contrast = contrast_of(idx, 123)
+    loss = crd(es, et, idx, contrast_indices=contrast)
+    ref, _, _ = np_crd(p, es.numpy(), et.numpy(), contrast.numpy(), 0.5)
+    assert loss.dtype == torch.float64
+    assert loss.item() == pytest.approx(ref, rel=1e-12)
+
+
+def test_crd_reproducible_and_given_contrast_used_once():
     es, et, idx = rand(B, 5, seed=24), rand(B, 7, seed=25), torch.tensor([0, 1, 2])
     a = make_crd().eval()(es, et, idx, generator=torch.Generator().manual_seed(5))
     b = make_crd().eval()(es, et, idx, generator=torch.Generator().manual_seed(5))
     assert a.item() == b.item()
-    neg = torch.randint(0, M, (B, K), generator=torch.Generator().manual_seed(5))
-    c = make_crd().eval()(es, et, idx, contrast_indices=neg)
-    assert c.item() == a.item()
+    crd = make_crd().eval()
+    drawn = crd.sample_contrast(idx, torch.Generator().manual_seed(5))
+    assert drawn.shape == (B, K + 1) and torch.equal(drawn[:, 0], idx)
+    crd.use_contrast(drawn)
+    assert crd(es, et, idx).item() == a.item()
+    assert crd.given_contrast is None  # consumed by that call
+    with pytest.raises(ValueError, match="contrast_indices"):
+        crd(es, et, idx, contrast_indices=drawn[:, 1:])  # the positive column is missing
 
 
 def test_crd_eval_mode_does_not_update_banks():
@@ -313,12 +337,13 @@ def test_crd_eval_mode_does_not_update_banks():
     torch.testing.assert_close(crd.memory_t, before[1])
 
 
-def test_crd_gradients():
-    crd = make_crd()
+@pytest.mark.parametrize("form", ["matmul", "gather"])
+def test_crd_gradients(form):
+    crd = make_crd(form=form)
     es = rand(B, 5, seed=28).requires_grad_(True)
     et = rand(B, 7, seed=29)
     loss = crd(es, et, torch.tensor([2, 3, 4]), generator=torch.Generator().manual_seed(2))
-    loss.backward()
+    loss.backward()  # after the banks' update: the matmul form's backward still reads the bank it used
     assert torch.isfinite(loss)
     assert es.grad is not None and es.grad.abs().sum() > 0
     assert et.grad is None
@@ -327,9 +352,28 @@ def test_crd_gradients():
         assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
 
 
+def test_crd_forms_agree_in_value_and_gradient():
+    es, et, idx = rand(B, 5, seed=40), rand(B, 7, seed=41), torch.tensor([1, 2, 3])
+    contrast = contrast_of(idx, 9)
+    grads = []
+    for form in ("matmul", "gather"):
+        crd = make_crd(form=form)
+        e = es.clone().requires_grad_(True)
+        loss = crd(e, et, idx, contrast_indices=contrast)
+        loss.backward()
+        grads.append((loss.detach(), e.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+
+
 def test_crd_finite_for_large_inputs():
-    crd = CRDLoss(5, 7, num_data=M, feat_dim=D, num_negatives=K)  # τ = 0.07
+    crd = CRDLoss(5, 7, num_data=M, feat_dim=D, num_negatives=K, mode="uniform")  # τ = 0.07
     es = (rand(B, 5, seed=30) * 1e4).requires_grad_(True)
     loss = crd(es, rand(B, 7, seed=31) * 1e4, torch.tensor([0, 1, 2]), generator=torch.Generator().manual_seed(3))
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(es.grad).all()
+
+
+def test_crd_class_modes_need_labels():
+    with pytest.raises(ValueError, match="labels"):
+        CRDLoss(5, 7, num_data=M, feat_dim=D, num_negatives=K)  # mode exact by default

@@ -63,7 +63,8 @@ def method_raw(tmp_path: Path, name: str, **args) -> dict:
 
 def build(raw: dict, seed: int = 0) -> Flow:
     torch.manual_seed(seed)
-    return Flow(resolve(raw), 4, (1, 8, 8), torch.randn(2, 1, 8, 8), num_data=96)
+    # a balanced 96-sample training split of 4 classes (CRD draws negatives from the other classes)
+    return Flow(resolve(raw), 4, (1, 8, 8), torch.randn(2, 1, 8, 8), num_data=96, train_labels=torch.arange(96) % 4)
 
 
 def batch(n: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -384,7 +385,7 @@ def test_recipe_builds_against_the_fashion_pair(fashion_teacher: Path, name: str
         with pytest.raises(RecipeError, match=r"transfers\.0: criterion 'fsp' cannot compare these taps: .*channel counts"):
             Flow(recipe, 10, (1, 28, 28), torch.randn(2, 1, 28, 28), num_data=256)
         return
-    flow = Flow(recipe, 10, (1, 28, 28), torch.randn(2, 1, 28, 28), num_data=256)
+    flow = Flow(recipe, 10, (1, 28, 28), torch.randn(2, 1, 28, 28), num_data=256, train_labels=torch.arange(256) % 10)
     x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
     for stage in flow.stages:
         flow.set_stage_modes(stage)

@@ -74,7 +74,8 @@ class Distiller(nn.Module):
 
     `example_inputs` (a small batch) is needed when the graph has trainable helpers (connectors,
     VID/CRD/ReviewKD modules): they are built from the taps' shapes, before you create the optimizer.
-    `num_data` (the training set's size) and `indices` in the call are for CRD's memory bank.
+    `num_data` (the training set's size), `train_labels` (its labels, by sample index) and `indices` in the
+    call are for CRD's memory bank and its negatives from the other classes.
     """
 
     def __init__(
@@ -84,6 +85,7 @@ class Distiller(nn.Module):
         num_classes: int | None = None,
         num_data: int = 0,
         stage: str | None = None,
+        train_labels: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         graph = dict(flow.graph)
@@ -101,21 +103,22 @@ class Distiller(nn.Module):
             f["checkpoint"] = "memory:" if f.get("role") == "frozen" else None
         graph["nodes"] = nodes
         recipe = resolve({"data": {"name": "external"}, **graph}, flow.method)
-        self._setup(recipe, flow.models, example_inputs, num_classes, num_data, stage)
+        self._setup(recipe, flow.models, example_inputs, num_classes, num_data, stage, train_labels)
 
     @classmethod
     def from_recipe(
-        cls, recipe: Recipe, num_classes: int, input_shape: tuple[int, ...], example_inputs: torch.Tensor, num_data: int = 0
+        cls, recipe: Recipe, num_classes: int, input_shape: tuple[int, ...], example_inputs: torch.Tensor, num_data: int = 0,
+        train_labels: torch.Tensor | None = None,
     ) -> "Distiller":
         """The engine's graph for a recipe (models built from their `arch`), for a custom loop or a parity check."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         torch.manual_seed(recipe.seed)
-        self.flow = Flow(recipe, num_classes, input_shape, example_inputs, num_data=num_data)
+        self.flow = Flow(recipe, num_classes, input_shape, example_inputs, num_data=num_data, train_labels=train_labels)
         self._finish(None)
         return self
 
-    def _setup(self, recipe: Recipe, models, example_inputs, num_classes, num_data, stage) -> None:
+    def _setup(self, recipe: Recipe, models, example_inputs, num_classes, num_data, stage, train_labels=None) -> None:
         needs_shapes = any(t.connector is not None for t in recipe.transfers) or any(
             _is_module_criterion(t.criterion) for t in recipe.transfers
         )
@@ -125,7 +128,7 @@ class Distiller(nn.Module):
                     "this graph has trainable helpers (connectors or criterion modules) built from the taps' shapes: "
                     "pass example_inputs=<a small batch> to Distiller"
                 )
-        self.flow = Flow(recipe, num_classes or 0, (), example_inputs, num_data=num_data, models=models)
+        self.flow = Flow(recipe, num_classes or 0, (), example_inputs, num_data=num_data, models=models, train_labels=train_labels)
         self._finish(stage)
 
     def _finish(self, stage: str | None) -> None:

@@ -362,7 +362,7 @@ def train(
     device = pick_device(recipe.device, dist_info)
     train_set, test_set, data_record = load_data(recipe)
     sample = augment_batch(load_inputs(test_set, torch.arange(2)), test_set.mean, test_set.std)
-    flow = Flow(recipe, train_set.num_classes, train_set.input_shape, sample, num_data=len(train_set)).to(device)
+    flow = Flow(recipe, train_set.num_classes, train_set.input_shape, sample, num_data=len(train_set), train_labels=train_set.y).to(device)
     if recipe.train.channels_last and sample.dim() == 4:
         flow = flow.to(memory_format=torch.channels_last)
     flow.autocast_dtype = AUTOCAST[recipe.train.precision]

@@ -14,7 +14,7 @@ are passed only to criteria whose signature names them:
 A *module* criterion has trainable parameters or state (VID's variances, CRD's memory bank,
 ReviewKD's fusion): it is registered as a factory that builds an nn.Module from the tap
 shapes, ``factory(target_shape, source_shape, build, **params)``, where `build` (a
-`BuildInfo`) gives the number of training samples and the source and target models. The
+`BuildInfo`) gives the number of training samples, their labels and the source and target models. The
 module belongs to the target node: it joins that node's optimizer and checkpoint.
 
 A *grouped* criterion takes lists of taps on both sides (``{group: [...]}``): FSP's pairs of
@@ -42,6 +42,7 @@ class BuildInfo:
     target_model: nn.Module
     source_module: str | None  # the dotted module name of the (first) source tap, if it is a module tap
     target_module: str | None
+    train_labels: torch.Tensor | None = None  # the training split's labels, by sample index (CRD's class-aware negatives)
 
 
 @dataclass(frozen=True)

@@ -45,13 +45,20 @@ def crd(
     num_negatives: int = 16384,
     temperature: float = 0.07,
     momentum: float = 0.5,
+    mode: str = "exact",
+    form: str = "auto",
 ) -> nn.Module:
-    """CRD (Tian et al. 2020): NCE between projected embeddings with momentum memory banks over the training set."""
+    """CRD (Tian et al. 2020): NCE between projected embeddings with momentum memory banks over the training set.
+
+    `mode` exact / relax draws the negatives from the other classes (the training labels come with `build`);
+    uniform from all samples. A test or parity check fixes the next contrast set with
+    ``flow.criterion_modules[i].crd.use_contrast(contrast)``."""
     if build.num_data < 1:
         raise ValueError("crd needs the size of the training set")
     return _CRD(
         losses.CRDLoss(
-            _flat_dim(target_shape), _flat_dim(source_shape), build.num_data, feat_dim, num_negatives, temperature, momentum
+            _flat_dim(target_shape), _flat_dim(source_shape), build.num_data, feat_dim, num_negatives, temperature, momentum,
+            train_labels=build.train_labels, mode=mode, form=form,
         )
     )
 

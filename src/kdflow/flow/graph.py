@@ -98,11 +98,13 @@ class Flow(nn.Module):
         sample: torch.Tensor | None,
         num_data: int = 0,
         models: dict[str, nn.Module] | None = None,
+        train_labels: torch.Tensor | None = None,
     ) -> None:
         """Build every node, hook its taps and check every transfer's shapes on `sample` (a small batch;
         None skips the check, for graphs without shape-dependent helpers).
 
-        `num_data` is the size of the training split (criteria with a per-sample memory need it).
+        `num_data` is the size of the training split (criteria with a per-sample memory need it);
+        `train_labels` its labels by sample index (CRD draws negatives from the other classes).
         `models` supplies ready nn.Modules for some nodes (the library API); those are used as they are.
         """
         super().__init__()
@@ -137,6 +139,7 @@ class Flow(nn.Module):
         self.connectors = nn.ModuleDict()  # by transfer index
         self.criterion_modules = nn.ModuleDict()  # by transfer index
         self.num_data = num_data
+        self.train_labels = train_labels
         self.runners: dict[str, nn.Module] = {}  # node -> a wrapper to run it through (DDP); not in the state dict
         self.autocast_dtype: torch.dtype | None = None  # mixed precision for the nodes' forward passes
         if sample is not None:
@@ -209,6 +212,7 @@ class Flow(nn.Module):
 
         info = BuildInfo(
             num_data=self.num_data,
+            train_labels=self.train_labels,
             source_model=None if isinstance(t.source, FuseSpec) else self.models[src_node],
             target_model=self.models[tgt_node],
             source_module=None if isinstance(t.source, FuseSpec) else module_name(src_node, src_tap),

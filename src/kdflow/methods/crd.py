@@ -1,11 +1,15 @@
 """`crd`: Tian, Krishnan and Isola 2020, "Contrastive Representation Distillation" (ICLR).
 
 Student loss γ·CE + β·(L_s + L_t): NCE between 128-d L2-normalised linear projections of the
-student's and the teacher's pooled embeddings, each anchored against K negatives drawn from
+student's and the teacher's pooled embeddings, each anchored against K negatives read from
 a momentum memory bank of the other side's projections over the training set, τ=0.07
 (`kdflow.losses.CRDLoss`, the `crd` criterion module: both projections and both banks belong
-to the student and travel in its checkpoint). Defaults (../shared/methods.md): β=0.8, γ=1,
-K=16384, τ=0.07, bank momentum 0.5. CRD+KD: `method: [crd, {name: kd, kd_weight: 1.0}]`.
+to the student and travel in its checkpoint). Defaults (../shared/methods.md, RepDistiller's
+train_student.py): β=0.8, γ=1, K=16384, τ=0.07, bank momentum 0.5, `mode: exact` (the positive
+is the sample itself, the K negatives are drawn from the samples of the other classes, without
+replacement when there are at least K of them, as RepDistiller's CIFAR100InstanceSample does);
+`relax` draws the positive from the sample's class; `uniform` draws negatives from all samples
+(no labels needed). CRD+KD: `method: [crd, {name: kd, kd_weight: 1.0}]`.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ def crd(
     num_negatives: int = 16384,
     temperature: float = 0.07,
     momentum: float = 0.5,
+    mode: str = "exact",
     weight: float = 0.8,
     ce_weight: float = 1.0,
 ) -> Graph:
@@ -41,6 +46,7 @@ def crd(
                 "num_negatives": num_negatives,
                 "temperature": temperature,
                 "momentum": momentum,
+                "mode": mode,
                 "weight": weight,
             }
         ],

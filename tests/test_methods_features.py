@@ -141,8 +141,9 @@ def _ft_main(flow, s, t, y, idx):
 
 
 def _reviewkd(flow, s, t, y, idx):
-    fused = module(flow).fusion([s["stage1"], s["stage2"], s["embedding"][:, :, None, None]], [(4, 4), (2, 2), (1, 1)])
-    teacher = [t["stage1_pre"], t["stage2_pre"], t["embedding"][:, :, None, None]]
+    # the student has 2 stages, the teacher 3: the levels pair from the deepest (teacher stage1 is not used)
+    fused = module(flow).fusion([s["stage1"], s["stage2"], s["embedding"][:, :, None, None]], [(2, 2), (1, 1), (1, 1)])
+    teacher = [t["stage2_pre"], t["stage3_pre"], t["embedding"][:, :, None, None]]
     return 5.0 * (1 / 20) * losses.hcl(fused, teacher)
 
 

@@ -49,3 +49,19 @@ def test_crd_contrast_is_the_exact_modes_sets() -> None:
     c = class_contrast(labels, batch.index, CRD["inputs"]["nce_k"], "exact", CRD["inputs"]["contrast_seed"])
     assert torch.equal(c[:, 0], batch.index)
     assert not (labels[c[:, 1:]] == batch.y.unsqueeze(1)).any()
+
+
+REVIEWKD = read_fixture("reviewkd")
+REVIEWKD_CASES = [(pair, REVIEWKD["inputs"]["epoch"], v) for pair, v in REVIEWKD["values"].items()] + [
+    (pair, spec["epoch"], v) for spec in REVIEWKD["variants"].values() for pair, v in spec["values"].items()
+]
+
+
+@pytest.mark.parametrize("pair,epoch,expected", REVIEWKD_CASES, ids=[f"{c[0]}-epoch{c[1]}" for c in REVIEWKD_CASES])
+def test_reviewkd_matches_mdistiller(tmp_path: Path, pair: str, epoch: int, expected: dict) -> None:
+    """All stages and the pooled embedding (4 levels on resnet8x4, 5 on MobileNetV2), the warm-up as mdistiller's."""
+    batch = fixed_batch(REVIEWKD["inputs"]["batch_size"], REVIEWKD["inputs"]["seed"])
+    flow = build_flow("reviewkd", pair, tmp_path, REVIEWKD["inputs"]["overrides"], batch=batch)
+    loss, norm, _ = loss_and_grad_norm(flow, batch, epoch=epoch)
+    assert rel(loss, expected["loss"]) <= TOL, (loss, expected["loss"])
+    assert rel(norm, expected["grad_norm"]) <= TOL, (norm, expected["grad_norm"])

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from kdflow import losses
 from kdflow.flow.criteria import BuildInfo, register_criterion
+from kdflow.losses.precision import compute_dtype
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 
@@ -184,16 +185,20 @@ def _as_map(x: torch.Tensor) -> torch.Tensor:
 
 
 class ReviewKD(nn.Module):
-    """Chen et al. 2021 (ReviewKD): ``ReviewFusion`` of the student's stages, then ``hcl`` against the teacher's."""
+    """Chen et al. 2021 (ReviewKD): ``ReviewFusion`` of the student's stages, then ``hcl`` against the teacher's.
+
+    The levels pair from the deepest: with n = the shorter list's length, the last n taps of each side."""
 
     def __init__(self, student_channels: list[int], teacher_channels: list[int], out_sizes: list[tuple[int, int]], mid_channels: int) -> None:
         super().__init__()
         self.fusion = losses.ReviewFusion(student_channels, teacher_channels, mid_channels)
         self.out_sizes = [tuple(s) for s in out_sizes]
+        self.levels = len(student_channels)
 
     def forward(self, students: list[torch.Tensor], teachers: list[torch.Tensor]) -> torch.Tensor:
-        fused = self.fusion([_as_map(s.float()) for s in students], self.out_sizes)
-        return losses.hcl(fused, [_as_map(t.float()) for t in teachers])
+        n = self.levels
+        fused = self.fusion([_as_map(compute_dtype(s)) for s in students[-n:]], self.out_sizes)
+        return losses.hcl(fused, [_as_map(compute_dtype(t)) for t in teachers[-n:]])
 
 
 def reviewkd(
@@ -204,11 +209,13 @@ def reviewkd(
 ) -> nn.Module:
     """ReviewKD (Chen et al. 2021): student stages shallow → deep against the teacher's matching stages.
 
-    A 1-d tap (the pooled embedding) counts as a 1×1 map. `mid_channels` defaults to
-    min(512, channels of the deepest student tap), as in the authors' code.
+    A 1-d tap (the pooled embedding) counts as a 1×1 map. When one side lists more taps (a teacher
+    with more stages than the student), the levels pair from the deepest and the other side's
+    shallowest extra taps are not used (the benchmark pairs have equal counts). `mid_channels`
+    defaults to min(512, channels of the deepest student tap), as in the authors' code.
     """
-    if len(target_shape) != len(source_shape):
-        raise ValueError(f"reviewkd: {len(target_shape)} student taps but {len(source_shape)} teacher taps")
+    n = min(len(target_shape), len(source_shape))
+    target_shape, source_shape = list(target_shape)[-n:], list(source_shape)[-n:]
     for shape in [*target_shape, *source_shape]:
         if len(shape) not in (1, 3):
             raise ValueError(f"reviewkd taps feature maps C×H×W or embeddings D, got {shape}")

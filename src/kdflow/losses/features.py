@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from kdflow.losses.precision import compute_dtype
+
 #: Floor for squared norms before a square root (finite gradient at 0).
 _SQ_EPS = 1e-12
 
@@ -343,7 +345,7 @@ def hcl(student_features: Sequence[torch.Tensor], teacher_features: Sequence[tor
     for fs, ft in zip(student_features, teacher_features):
         _check_4d(fs, ft)
         _check_same_shape(fs, ft, "hcl")
-        fs, ft = fs.float(), ft.float()
+        fs, ft = compute_dtype(fs), compute_dtype(ft)
         h, w = fs.shape[-2:]
         loss = F.mse_loss(fs, ft)
         weight, weight_sum = 1.0, 1.0

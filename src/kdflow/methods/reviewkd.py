@@ -6,12 +6,15 @@ by two learned spatial attention maps, then a 3×3 conv + BN maps it to the teac
 channels; `kdflow.losses.ReviewFusion`, a trainable helper of the student), and each fused
 level is compared with the teacher's matching stage by the hierarchical context loss
 (`kdflow.losses.hcl`: MSE at full size and pooled to 4×4, 2×2, 1×1 with halving weights),
-summed over levels. Student loss γ·CE + β·min(epoch/20, 1)·HCL.
-One grouped transfer: student taps `stage1, stage2, embedding` (post-ReLU, as the authors)
-against the teacher's `stage1_pre, stage2_pre, embedding` (pre-ReLU; the pooled embedding
-is the 1×1 deepest level, as in the authors' code). Defaults: β=5 with a 20-epoch linear
-warm-up, γ=1, ABF width min(512, deepest student channels). On the 3-stage CIFAR zoo pass
-the three stages (`student_taps: [stage1, stage2, stage3, embedding]`, teacher likewise).
+summed over levels. Student loss γ·CE + β·w(e)·HCL, w the warm-up factor below.
+One grouped transfer: every student stage, post-activation, and the pooled embedding (as a 1×1
+map, the deepest level) against the teacher's stages before their last activation and its pooled
+embedding: `all_stages, embedding` vs `all_stages_pre, embedding`, i.e. the benchmark's
+`feats[1:]` + pooled vs `preact_feats[1:]` + pooled (mdistiller's ReviewKD with STU_PREACT
+False; 4 levels on the CIFAR ResNets, 5 on VGG / MobileNetV2). Each fused level takes the
+teacher level's channels and spatial size. Defaults: β=5 (mdistiller's configs/cifar100/
+reviewkd.yaml) with a 20-epoch linear warm-up min((e+1)/20, 1) for the 0-based epoch e (mdistiller
+counts epochs from 1), γ=1, ABF width min(512, channels of the student's embedding).
 """
 from __future__ import annotations
 
@@ -26,8 +29,8 @@ from kdflow.methods.registry import Graph, register_method
 def reviewkd(
     teacher: str = "teacher",
     student: str = "student",
-    student_taps: list[str] = ("stage1", "stage2", "embedding"),
-    teacher_taps: list[str] = ("stage1_pre", "stage2_pre", "embedding"),
+    student_taps: list[str] = ("all_stages", "embedding"),
+    teacher_taps: list[str] = ("all_stages_pre", "embedding"),
     mid_channels: int | None = None,
     weight: float = 5.0,
     warmup_epochs: int = 20,

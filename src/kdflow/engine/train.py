@@ -42,7 +42,7 @@ from kdflow.engine.rundir import (
 from kdflow.engine.schedule import lr_factor
 from kdflow.engine.teacher_cache import TeacherCache, state_hash
 from kdflow.flow.errors import RecipeError
-from kdflow.flow.graph import Flow
+from kdflow.flow.graph import Flow, FlowOutput
 from kdflow.flow.recipe import dump_recipe
 from kdflow.flow.spec import OptimSpec, Recipe, StageSpec
 from kdflow.models import count_parameters
@@ -228,14 +228,18 @@ def train_epoch(
         if recipe.train.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         cached = {f"{n}.logits": c.lookup(idx, view, device) for n, c in (caches or {}).items()}
-        out = flow(x, yb, stage, epoch, idx, cached)
-        for opt in optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        (scaler.scale(out.total) if scaler else out.total).backward()
-        if dist_info.enabled:
-            average_gradients(helper_params, dist_info.world)
-        for opt in optimizers.values():
-            scaler.step(opt) if scaler else opt.step()
+        if stage.updates == "alternating":  # one node after another, each from a fresh forward (DML)
+            after = (lambda: average_gradients(helper_params, dist_info.world)) if dist_info.enabled else None
+            out = alternating_step(flow, stage, x, yb, epoch, idx, cached, optimizers, scaler, after)
+        else:
+            out = flow(x, yb, stage, epoch, idx, cached)
+            for opt in optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            (scaler.scale(out.total) if scaler else out.total).backward()
+            if dist_info.enabled:
+                average_gradients(helper_params, dist_info.world)
+            for opt in optimizers.values():
+                scaler.step(opt) if scaler else opt.step()
         if scaler:
             scaler.update()
         n = yb.shape[0]
@@ -270,6 +274,46 @@ def train_epoch(
         "terms": {k: float(v.item()) / max(seen, 1) for k, v in term_sums.items()},
         "lr": {n: optimizers[n].param_groups[0]["lr"] for n in stage.train},
     }
+
+
+def alternating_step(
+    flow: Flow,
+    stage: StageSpec,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    epoch: int,
+    idx: torch.Tensor,
+    cached: dict[str, torch.Tensor] | None,
+    optimizers: dict[str, torch.optim.SGD],
+    scaler: torch.amp.GradScaler | None = None,
+    after_backward: Callable[[], None] | None = None,
+    loss_scale: float = 1.0,
+) -> FlowOutput:
+    """One batch of a stage with ``updates: alternating`` (Zhang et al. 2018, Deep Mutual Learning, Algorithm 1):
+    the stage's training nodes, in order, each take a forward pass of every node (the others without gradient,
+    so the nodes updated before it are seen with their new weights), a backward pass of their own losses and
+    their own optimizer step. Returns the passes merged for the running sums: each node's logits, CE and terms
+    from its own pass, and the sum of the nodes' losses."""
+    merged: FlowOutput | None = None
+    for node in stage.train:
+        out = flow(x, y, stage, epoch, idx, cached, only=node)
+        for opt in optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        loss = out.total * loss_scale if loss_scale != 1.0 else out.total
+        (scaler.scale(loss) if scaler else loss).backward()
+        if after_backward is not None:
+            after_backward()
+        scaler.step(optimizers[node]) if scaler else optimizers[node].step()
+        if merged is None:
+            merged = FlowOutput(total=out.total.detach())
+        else:
+            merged.total = merged.total + out.total.detach()
+        merged.logits[node], merged.node_ce[node] = out.logits[node].detach(), out.node_ce[node].detach()
+        merged.terms.update(out.terms)
+        merged.weights.update(out.weights)
+        merged.dropped += out.dropped
+    assert merged is not None
+    return merged
 
 
 def _check_resumable(out: Path, recipe: Recipe, resume: bool) -> None:

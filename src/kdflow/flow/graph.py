@@ -248,13 +248,19 @@ class Flow(nn.Module):
                 module.train(training)
                 module.requires_grad_(training)
 
-    def run_nodes(self, x: torch.Tensor, stage: StageSpec, cached: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """Every tap the stage needs. `cached` holds taps read from a teacher-output cache: their nodes do not run."""
+    def run_nodes(
+        self, x: torch.Tensor, stage: StageSpec, cached: dict[str, torch.Tensor] | None = None, only: str | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Every tap the stage needs. `cached` holds taps read from a teacher-output cache: their nodes do not run.
+        With `only` (an alternating update), the stage's other training nodes run in train mode without gradient."""
         values: dict[str, torch.Tensor] = dict(cached or {})
         for node, rec in self.recorders.items():
             if not self.recipe.is_used(node, stage) or f"{node}.logits" in values:
                 continue
-            if node in stage.train:
+            if node in stage.train and only is not None and node != only:
+                with torch.no_grad():
+                    out = rec.run(x, self.runners.get(node))
+            elif node in stage.train:
                 out = rec.run(x, self.runners.get(node))
             else:
                 with torch.inference_mode():
@@ -272,15 +278,18 @@ class Flow(nn.Module):
         epoch: int,
         indices: torch.Tensor | None = None,
         cached: dict[str, torch.Tensor] | None = None,
+        only: str | None = None,
     ) -> FlowOutput:
         """All losses of one batch. `indices` are the samples' positions in the training split.
+        With `only`, the losses of that training node alone (its supervision, the transfers into it): one
+        node's part of an alternating update (`StageSpec.updates`).
 
         With `autocast_dtype` set, the nodes run under autocast and every loss is computed in fp32."""
         if self.autocast_dtype is None:
-            taps = self.run_nodes(x, stage, cached)
+            taps = self.run_nodes(x, stage, cached, only)
         else:
             with torch.autocast(x.device.type, dtype=self.autocast_dtype):
-                taps = self.run_nodes(x, stage, cached)
+                taps = self.run_nodes(x, stage, cached, only)
             taps = {k: v.float() if v.is_floating_point() else v for k, v in taps.items()}
         # the sum is float32, or float64 when the nodes run in float64 (parity checks)
         loss_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -290,6 +299,8 @@ class Flow(nn.Module):
             out.logits[node] = logits
             out.node_ce[node] = F.cross_entropy(logits.to(loss_dtype), y)
         for node, sup in self.recipe.active_supervision(stage).items():
+            if only is not None and node != only:
+                continue
             w = weight_at(sup.weight, epoch)
             label = f"{sup.loss}({node})"
             value = out.node_ce[node] if sup.loss == "ce" else SUPERVISION[sup.loss].fn(out.logits[node], y, **sup.params)
@@ -297,7 +308,7 @@ class Flow(nn.Module):
             if w:
                 out.total = out.total + w * value
         context = {"target": y, "epoch": epoch, "epochs": stage.epochs, "indices": indices, "stage": stage.name, "x": x}
-        active = self.recipe.active_transfers(stage)
+        active = [(i, t) for i, t in self.recipe.active_transfers(stage) if only is None or t.target_node == only]
         dropped = self._drawn_drops(active)
         for i, t in active:
             label = transfer_label(t)

@@ -205,6 +205,10 @@ class StageSpec(Strict):
     name: str
     train: list[str] | None = None  # default: every node whose role is trainable
     epochs: int | None = Field(None, ge=0)  # default: train.epochs
+    # joint: one forward, one summed loss, one backward, every node stepped (the default); alternating: the
+    # training nodes updated one after another on each batch, each from a fresh forward of every node (DML's
+    # Algorithm 1; engine/train.py alternating_step)
+    updates: Literal["joint", "alternating"] = "joint"
 
 
 class ScheduleSpec(Strict):
@@ -375,6 +379,7 @@ class Recipe(Strict):
                 name=s.name,
                 train=list(s.train) if s.train is not None else default_train,
                 epochs=s.epochs if s.epochs is not None else self.train.epochs,
+                updates=s.updates,
             )
             for s in stages
         ]

@@ -29,6 +29,7 @@ from kdflow.losses.logits import (
     kd,
     label_smoothing,
     tfkd_reg,
+    tfkd_reg_released,
     virtual_teacher_logits,
 )
 from kdflow.losses.relations import cc, pkt, rkd, rkd_angle, rkd_distance, sp
@@ -65,5 +66,6 @@ __all__ = [
     "rkd_distance",
     "sp",
     "tfkd_reg",
+    "tfkd_reg_released",
     "virtual_teacher_logits",
 ]

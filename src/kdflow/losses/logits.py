@@ -6,6 +6,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from kdflow.losses.precision import compute_dtype
+
 
 def kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
     """Hinton, Vinyals and Dean 2015, "Distilling the Knowledge in a Neural Network".
@@ -197,12 +199,39 @@ def tfkd_reg(
     Defaults [check]: a = 0.99 and τ = 20, the paper's / published CIFAR-100 ResNet18 setting
     (the released configs use τ = 40 for some other architectures).
     """
-    z_s = student_logits.float()
+    z_s = compute_dtype(student_logits)
     log_p_d = virtual_teacher_logits(target, z_s.shape[1], correct_prob, dtype=z_s.dtype)
     log_p_s = F.log_softmax(z_s / temperature, dim=1)
     log_p_t = F.log_softmax(log_p_d / temperature, dim=1)
     kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
     return kl * temperature**2
+
+
+def tfkd_reg_released(
+    student_logits: torch.Tensor,
+    target: torch.Tensor,
+    correct_prob: float = 0.99,
+    temperature: float = 20.0,
+    multiplier: float = 100.0,
+) -> torch.Tensor:
+    """Tf-KD_reg's regulariser as the authors' released code computes it (Yuan et al. 2020;
+    yuanli2333/Teacher-free-Knowledge-Distillation, ``my_loss_function.loss_kd_regularization``).
+
+    multiplier · (1 / (B·C)) · Σ_{b,k} q_bk · (log q_bk − log p_bk), with the student *unsoftened*,
+    p = softmax(z_s), and the teacher q = softmax(p^d / τ): the softmax of the virtual teacher's
+    *probabilities* (a on the true class, (1 − a)/(C − 1) elsewhere) divided by τ, so q is close to
+    uniform (for a = 0.99, τ = 20, C = 100: 0.0105 on the true class). The mean over all B·C
+    elements is ``nn.KLDivLoss()``'s default reduction, i.e. the batch-mean KL divided by C.
+    Released CIFAR-100 settings (experiments/base_experiments/*/params.json): ResNet18 α = 0.1,
+    τ = 20, multiplier 100; MobileNetV2 α = 0.95, τ = 40, multiplier 1; ShuffleNetV2 α = 0.95,
+    τ = 10, multiplier 1; GoogLeNet α = 0.1, τ = 40, multiplier 50.
+    """
+    z_s = compute_dtype(student_logits)
+    num_classes = z_s.shape[1]
+    p_d = virtual_teacher_logits(target, num_classes, correct_prob, dtype=z_s.dtype).exp()
+    log_q = F.log_softmax(p_d / temperature, dim=1)
+    kl = F.kl_div(F.log_softmax(z_s, dim=1), log_q, reduction="batchmean", log_target=True)
+    return multiplier * kl / num_classes
 
 
 # ---------------------------------------------------------------------------------------

@@ -13,19 +13,24 @@ Defaults: the CIFAR-100 ResNet18 self-teacher config, α = 0.95, τ = 6, multipl
 → CE 0.05, KD 0.475. (Other published configs: MobileNetV2/ShuffleNetV2 τ = 20, multiplier 1.)
 
 `tfkd_reg` — KD from a hand-designed virtual teacher, no teacher node:
-    (1 − α)·CE(z_s, y) + α·τ²·KL(p^d_τ ‖ p_τ),
-p^d = a on the true class and (1 − a)/(C − 1) elsewhere, softened at τ, and the student at τ
-(the paper's formula; see `kdflow.losses.tfkd_reg`). A node has one supervision entry, so the
-sum is one supervision loss, ``tfkd_reg_ce`` (in `kdflow.flow.supervision`), built from the ``tfkd_reg``
-loss and CE. The graph has one stage training only the student, so a teacher node that a pair
-file declares is neither trained nor run.
-Defaults: a = 0.99, τ = 20, α = 0.1 (the CIFAR-100 ResNet18 config: reg_alpha 0.1,
-reg_temperature 20). Conversion: the released code's term is multiplier·KLDivLoss() between the
-*unsoftened* student and softmax(p^d/τ) of the probabilities (not their log), i.e. a different
-function, not only a different scale; a reduction-only conversion would give
-α·multiplier/(C·τ²) = 0.1·100/(100·400) = 2.5e-4. We follow the paper's formula with its α on
-our τ²·KL (the regulariser's gradient wrt z_s is then ≈ α/C times the gap between the centred
-logits and log p^d), and document the difference instead of pretending to match the code.
+    (1 − α)·CE(z_s, y) + α·R(z_s, y),
+p^d = a on the true class and (1 − a)/(C − 1) elsewhere. Two forms of R (`form`):
+
+* ``paper`` (the default): R = τ²·KL(p^d_τ ‖ p_τ), the student softened at τ and the virtual teacher
+  softened as a distribution, p^d_τ = softmax(log p^d / τ) (`kdflow.losses.tfkd_reg`);
+* ``released``: the authors' released loss (yuanli2333/Teacher-free-Knowledge-Distillation,
+  ``my_loss_function.loss_kd_regularization``): R = multiplier·``KLDivLoss()``(log_softmax(z_s),
+  softmax(p^d / τ)) — the student *unsoftened*, the softmax taken of the teacher's probabilities
+  divided by τ (close to uniform), averaged over all B·C elements (`kdflow.losses.tfkd_reg_released`).
+
+The two are different functions, not rescalings of one another; ``released`` reproduces the loss
+behind the published numbers (checked against the authors' function in tests/test_tfkd_reg.py).
+A node has one supervision entry, so the sum is one supervision loss, ``tfkd_reg_ce`` (in
+`kdflow.flow.supervision`). The graph has one stage training only the student, so a teacher node
+that a pair file declares is neither trained nor run.
+Defaults: a = 0.99, τ = 20, α = 0.1, multiplier 100 (the released CIFAR-100 ResNet18 config:
+reg_alpha 0.1, reg_temperature 20, multiplier 100; MobileNetV2 there uses α = 0.95, τ = 40,
+multiplier 1, ShuffleNetV2 α = 0.95, τ = 10, multiplier 1).
 """
 from __future__ import annotations
 
@@ -60,12 +65,22 @@ def tfkd_self(
 
 
 @register_method("tfkd_reg", citation=CITATION + " — Tf-KD with a manually designed (virtual) teacher", knowledge="logits")
-def tfkd_reg(student: str = "student", alpha: float = 0.1, correct_prob: float = 0.99, temperature: float = 20.0) -> Graph:
+def tfkd_reg(
+    student: str = "student",
+    alpha: float = 0.1,
+    correct_prob: float = 0.99,
+    temperature: float = 20.0,
+    form: str = "paper",
+    multiplier: float = 100.0,
+) -> Graph:
+    if form not in ("paper", "released"):
+        raise ValueError(f"tfkd_reg: form must be 'paper' or 'released', not {form!r}")
+    supervision = {"loss": "tfkd_reg_ce", "alpha": alpha, "correct_prob": correct_prob, "temperature": temperature, "form": form}
+    if form == "released":
+        supervision["multiplier"] = multiplier
     return {
         "nodes": {student: {"role": "trainable"}},
-        "supervise": {
-            student: {"loss": "tfkd_reg_ce", "alpha": alpha, "correct_prob": correct_prob, "temperature": temperature}
-        },
+        "supervise": {student: supervision},
         # only the student trains, even when the recipe (a pair file) also declares a teacher node
         "stages": [{"name": "main", "train": [student]}],
     }

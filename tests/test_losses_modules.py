@@ -36,20 +36,22 @@ def params(module):
 # --------------------------------------------------------------------------- VID
 
 
-def np_conv1x1(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+def np_conv1x1(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """A 1×1 convolution without bias (the benchmark's VID regressor has none)."""
     n, _, h, wd = x.shape
     out = np.zeros((n, w.shape[0], h, wd))
     for i in range(h):
         for j in range(wd):
-            out[:, :, i, j] = x[:, :, i, j] @ w[:, :, 0, 0].T + b
+            out[:, :, i, j] = x[:, :, i, j] @ w[:, :, 0, 0].T
     return out
 
 
 def np_vid(module: VIDLoss, s: np.ndarray, t: np.ndarray, reduction: str) -> float:
     p = params(module)
-    h = np.maximum(np_conv1x1(s, p["regressor.0.weight"], p["regressor.0.bias"]), 0)
-    h = np.maximum(np_conv1x1(h, p["regressor.2.weight"], p["regressor.2.bias"]), 0)
-    mu = np_conv1x1(h, p["regressor.4.weight"], p["regressor.4.bias"])
+    assert not any(k.endswith(".bias") for k in p)
+    h = np.maximum(np_conv1x1(s, p["regressor.0.weight"]), 0)
+    h = np.maximum(np_conv1x1(h, p["regressor.2.weight"]), 0)
+    mu = np_conv1x1(h, p["regressor.4.weight"])
     var = np.log1p(np.exp(p["variance_param"])) + module.eps
     b, c, hh, ww = t.shape
     total = 0.0
@@ -119,15 +121,19 @@ def test_paraphraser_and_translator_shapes_and_losses():
     torch.manual_seed(4)
     para = Paraphraser(4, rate=0.5)
     assert para.factor_channels == 2
-    assert Paraphraser(4, 3).factor_channels == 3
+    assert Paraphraser(4, 3).factor_channels == 3 and Paraphraser(5).factor_channels == 2  # ⌊0.5·5⌋
+    # the benchmark's shapes: no batch norm in the paraphraser, batch norm in the translator; biased convs
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in para.modules())
     trans = Translator(3, para.factor_channels)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in trans.modules()) == 3
+    assert all(m.bias is not None for m in [*para.modules(), *trans.modules()] if isinstance(m, torch.nn.Conv2d))
     ft_map, fs_map = rand(2, 4, 3, 3, seed=9), rand(2, 3, 3, 3, seed=10).requires_grad_(True)
     factor_t = para(ft_map)
     assert factor_t.shape == (2, 2, 3, 3)
     recon = para.decode(para.encode(ft_map))
     assert recon.shape == ft_map.shape
-    close(para.reconstruction_loss(ft_map), float((recon - ft_map).abs().mean().detach()))
-    close(para.reconstruction_loss(ft_map, p=2), float(((recon - ft_map) ** 2).mean().detach()))
+    close(para.reconstruction_loss(ft_map, p=1), float((recon - ft_map).abs().mean().detach()))
+    close(para.reconstruction_loss(ft_map), float(((recon - ft_map) ** 2).mean().detach()))
     # FT step: paraphraser frozen (teacher side), translator and student get gradients
     loss = factor_transfer(trans(fs_map), factor_t.detach())
     loss.backward()

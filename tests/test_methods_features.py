@@ -31,7 +31,12 @@ from kdflow.models import build_model
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 FEATURE_METHODS = ["fitnet", "at", "sp", "rkd", "pkt", "cc", "fsp", "nst", "vid", "ab", "ft", "ofd", "crd", "reviewkd"]
 # small per-test settings: fewer CRD negatives, one-epoch init stages; FSP needs the student's widths
-ARGS: dict[str, dict] = {"crd": {"num_negatives": 32}, "fsp": {"init_epochs": 1}, "ab": {"init_epochs": 1}, "ft": {"paraphrase_epochs": 1}}
+ARGS: dict[str, dict] = {"crd": {"num_negatives": 32}, "fsp": {"init_epochs": 1, "taps": ["stem", "stage1", "stage2"]},
+                        "ab": {"init_epochs": 1, "stages": ["stage1_pre", "stage2_pre"]},
+                        # convnet_m's last stage is 1×1 on 8×8 inputs, where FT's normalised factor map is constant
+                        "ft": {"paraphrase_epochs": 1, "teacher_tap": "stage2"},
+                        # convnet_m has 3 stages, convnet_s 2: all_stages cannot pair them, so name the stages
+                        "vid": {"stages": ["stage1", "stage2"]}, "ofd": {"stages": ["stage1_pre", "stage2_pre"]}}
 TEACHER_ARGS: dict[str, dict] = {"fsp": {"width": 8}}
 
 
@@ -113,31 +118,113 @@ def module(flow: Flow, i: int = 0) -> nn.Module:
     return flow.criterion_modules[str(i)]
 
 
+# By-hand forms of the helpers and losses of FitNet, VID, AB, OFD, FT and FSP, written from the papers and
+# the CIFAR-100 benchmark's definitions with plain tensor operations (not kdflow's losses), on the helpers'
+# own parameters.
+
+
+def bn_train(x: torch.Tensor, bn: nn.Module) -> torch.Tensor:
+    """Batch norm with the batch's statistics (biased variance), as a training helper runs."""
+    mean = x.mean(dim=(0, 2, 3), keepdim=True)
+    var = x.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+    return (x - mean) / torch.sqrt(var + bn.eps) * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)
+
+
+def conv1x1(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    out = torch.einsum("bchw,oc->bohw", x, w[:, :, 0, 0])
+    return out if b is None else out + b.view(1, -1, 1, 1)
+
+
+def _fitnet(f, s, t, y, i):
+    reg = f.connectors["0"]  # the benchmark's regressor at equal size: 1×1 conv with bias, BN, ReLU
+    assert reg.conv.kernel_size == (1, 1) and reg.conv.bias is not None
+    r = F.relu(bn_train(conv1x1(s["stage2"], reg.conv.weight, reg.conv.bias), reg.bn))
+    return 100 * ((r - t["stage2"]) ** 2).mean()
+
+
+def _vid(f, s, t, y, i):
+    total = torch.zeros(())
+    for j, k in enumerate(("stage1", "stage2")):
+        reg, a = module(f, j).regressor, module(f, j).variance_param
+        mu = conv1x1(F.relu(conv1x1(F.relu(conv1x1(s[k], reg[0].weight)), reg[2].weight)), reg[4].weight)
+        var = torch.log1p(torch.exp(a)).view(1, -1, 1, 1) + 1e-5
+        total = total + (0.5 * (t[k] - mu) ** 2 / var + 0.5 * torch.log(var)).mean()
+    return total
+
+
 def _ab(flow, s, t, y, idx):
-    n = 2
-    return sum(
-        3e-3 * 2.0 ** (k + 1 - n) * losses.ab(flow.connectors[str(k)](s[tap]), t[tap], 1.0)
-        for k, tap in enumerate(["stage1_pre", "stage2_pre"])
-    )
+    total = torch.zeros(())
+    for k, tap in enumerate(["stage1_pre", "stage2_pre"]):
+        conn = module(flow).connectors[k]  # channels differ: 1×1 conv with bias + BN, no ReLU
+        c = bn_train(conv1x1(s[tap], conn.conv.weight, conn.conv.bias), conn.bn)
+        on = (t[tap] > 0).to(c.dtype)
+        hinge = on * F.relu(1.0 - c) ** 2 + (1 - on) * F.relu(1.0 + c) ** 2
+        total = total + 3e-3 * 2.0 ** (k - 1) * hinge.sum() / c.shape[0]
+    return total
 
 
 def _ofd(flow, s, t, y, idx):
     total = torch.zeros(())
     teacher = flow.models["teacher"]
+    x, _, _ = batch()
+    t = feats(copy.deepcopy(teacher).train(), x)  # OFD's teacher normalises with the batch's statistics
+    normal = torch.distributions.Normal(0.0, 1.0)
     for k, tap in enumerate(["stage1_pre", "stage2_pre"]):
         bn = getattr(teacher, f"stage{k + 1}")[2]  # [pool, conv, bn, relu]
-        margin = losses.ofd_margin(bn.weight, bn.bias)
-        assert torch.equal(module(flow, k).margin, margin)
-        total = total + 1e-3 * 2.0 ** (k - 1) * losses.ofd(module(flow, k).connector(s[tap]), t[tap], margin)
+        mu, sigma = bn.bias.double(), bn.weight.double().abs()
+        p_neg = normal.cdf(-mu / sigma)
+        margin = mu - sigma * torch.exp(normal.log_prob(mu / sigma)) / p_neg  # E[x | x < 0], x ~ N(mu, sigma²)
+        margin = torch.where(p_neg > 1e-3, margin, -3 * sigma).float()
+        assert torch.allclose(getattr(module(flow), f"margin{k}"), margin, rtol=1e-5, atol=1e-6)
+        conv, bnc = module(flow).connectors[k]
+        c = bn_train(conv1x1(s[tap], conv.weight), bnc)
+        m, tt = margin.view(1, -1, 1, 1), t[tap]
+        # the benchmark's three cases: below the margin, between margin and 0, positive teacher
+        d = ((c - m) ** 2 * ((c > m) & (tt <= m)) + (c - tt) ** 2 * ((c > tt) & (tt > m) & (tt <= 0))
+             + (c - tt) ** 2 * (tt > 0))
+        total = total + 1e-3 * 2.0 ** (k - 1) * d.sum() / c.shape[0]
     return total
+
+
+def _leaky_convs(x: torch.Tensor, seq: nn.Module, bn: bool) -> torch.Tensor:
+    convs = [m for m in seq if isinstance(m, nn.Conv2d)]
+    norms = [m for m in seq if isinstance(m, nn.BatchNorm2d)]
+    for j, conv in enumerate(convs):
+        x = F.conv2d(x, conv.weight, conv.bias, padding=1)
+        x = F.leaky_relu(bn_train(x, norms[j]) if bn else x, 0.1)
+    return x
+
+
+def _factor_map(x: torch.Tensor) -> torch.Tensor:
+    a = (x ** 2).mean(dim=1).flatten(1)
+    return a / a.norm(dim=1, keepdim=True)
+
+
+def _ft_paraphrase(f, s, t, y, i):
+    para = module(f).paraphraser
+    x = t["stage2"]
+    code = _leaky_convs(x, para.encoder, bn=False)
+    rec = code
+    for conv in [m for m in para.decoder if isinstance(m, nn.ConvTranspose2d)]:
+        rec = F.leaky_relu(F.conv_transpose2d(rec, conv.weight, conv.bias, padding=1), 0.1)
+    return ((rec - x) ** 2).mean()  # 200 · (1/200) · MSE
 
 
 def _ft_main(flow, s, t, y, idx):
     m = module(flow)
-    m.paraphraser.eval()
-    factor_t = m.paraphraser.encode(t["stage2"])
-    m.paraphraser.train()
-    return 200.0 * losses.factor_transfer(m.translator(s["stage2"]), factor_t) / factor_t[0].numel()
+    factor_t = _leaky_convs(t["stage2"], m.paraphraser.encoder, bn=False)
+    factor_s = _leaky_convs(s["stage2"], m.translator.net, bn=True)
+    return 200.0 * (_factor_map(factor_s) - _factor_map(factor_t)).abs().mean()
+
+
+def _gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if a.shape[-1] > b.shape[-1]:
+        a = F.adaptive_avg_pool2d(a, b.shape[-2:])
+    return torch.einsum("bihw,bjhw->bij", a, b) / (a.shape[-1] * a.shape[-2])
+
+
+def _fsp(f, s, t, y, i):
+    return sum(((_gram(s[a], s[b]) - _gram(t[a], t[b])) ** 2).mean() for a, b in (("stem", "stage1"), ("stage1", "stage2")))
 
 
 def _reviewkd(flow, s, t, y, idx):
@@ -147,18 +234,14 @@ def _reviewkd(flow, s, t, y, idx):
     return 5.0 * (1 / 20) * losses.hcl(fused, teacher)
 
 
-def _fsp(f, s, t, y, i):
-    return losses.fsp((s["stem"], s["stage1"]), (t["stem"], t["stage1"])) + losses.fsp((s["stage1"], s["stage2"]), (t["stage1"], t["stage2"]))
-
-
 def _zero(f, s, t, y, i):
     return torch.zeros(())
 
 
 # (method, method args, stage, CE in that stage?, the method's own term(s) with their weights)
 FORMULAS: list[tuple[str, dict, str, bool, Expected]] = [
-    ("fitnet", {}, "main", True, lambda f, s, t, y, i: 100 * losses.hint(f.connectors["0"](s["stage2"]), t["stage2"])),
-    ("fitnet", {"hint_epochs": 1}, "hint", False, lambda f, s, t, y, i: 100 * losses.hint(f.connectors["0"](s["stage2"]), t["stage2"])),
+    ("fitnet", {}, "main", True, _fitnet),
+    ("fitnet", {"hint_epochs": 1}, "hint", False, _fitnet),
     ("fitnet", {"hint_epochs": 1}, "main", True, _zero),
     ("at", {}, "main", True, lambda f, s, t, y, i: sum(1000 * losses.at(s[k], t[k], 2.0) for k in ("stage1", "stage2"))),
     ("sp", {}, "main", True, lambda f, s, t, y, i: 3000 * losses.sp(s["stage2"], t["stage2"])),
@@ -168,10 +251,10 @@ FORMULAS: list[tuple[str, dict, str, bool, Expected]] = [
     ("fsp", {}, "init", False, _fsp),
     ("fsp", {}, "main", True, _zero),
     ("nst", {}, "main", True, lambda f, s, t, y, i: sum(50 * losses.nst(s[k], t[k]) for k in ("stage1", "stage2"))),
-    ("vid", {}, "main", True, lambda f, s, t, y, i: sum(module(f, j)(s[k], t[k]) for j, k in enumerate(("stage1", "stage2")))),
+    ("vid", {}, "main", True, _vid),
     ("ab", {}, "init", False, _ab),
     ("ab", {}, "main", True, _zero),
-    ("ft", {}, "paraphrase", False, lambda f, s, t, y, i: module(f).paraphraser.reconstruction_loss(t["stage2"], p=1)),
+    ("ft", {}, "paraphrase", False, _ft_paraphrase),
     ("ft", {}, "main", True, _ft_main),
     ("ofd", {}, "main", True, _ofd),
     ("reviewkd", {}, "main", True, _reviewkd),
@@ -213,8 +296,13 @@ def test_crd_total_is_its_formula(tmp_path: Path) -> None:
 def test_weights_and_stages_of_each_graph() -> None:
     g = METHODS["at"].fn(stages=["stage1", "stage2", "stage3"])
     assert [t["weight"] for t in g["transfers"]] == [1000.0] * 3
-    assert [t["weight"] for t in METHODS["ab"].fn(stages=["a", "b", "c"])["transfers"]] == pytest.approx([0.00075, 0.0015, 0.003])
-    assert [t["weight"] for t in METHODS["ofd"].fn(stages=["a", "b", "c"])["transfers"]] == pytest.approx([2.5e-4, 5e-4, 1e-3])
+    ab = METHODS["ab"].fn(stages=["a", "b", "c"])["transfers"]  # one grouped transfer; depth weights in its module
+    assert len(ab) == 1 and ab[0]["weight"] == pytest.approx(3e-3) and ab[0]["to"] == {"group": ["student.a", "student.b", "student.c"]}
+    ofd = METHODS["ofd"].fn()
+    assert ofd["transfers"][0]["weight"] == 1e-3 and ofd["transfers"][0]["from"] == {"group": ["teacher.all_stages_pre"]}
+    assert ofd["nodes"]["teacher"]["batch_norm"] == "batch"
+    assert METHODS["fitnet"].fn()["transfers"][0]["to"] == "student.stage[1]"
+    assert METHODS["ft"].fn()["transfers"][0]["from"] == "teacher.last_stage"
     fit = METHODS["fitnet"].fn(hint_epochs=3)
     assert [s["name"] for s in fit["stages"]] == ["hint", "main"] and fit["transfers"][0]["stages"] == ["hint"]
     assert "stages" not in METHODS["fitnet"].fn()
@@ -295,15 +383,16 @@ def test_ft_paraphrase_stage_trains_only_the_paraphraser(tmp_path: Path) -> None
 # ---------------------------------------------------------------------------------------
 
 HELPER_KEYS = {
-    "fitnet": ["connectors.0.0.weight", "connectors.0.1.running_mean"],
-    "ab": ["connectors.0.0.weight", "connectors.1.0.weight"],
+    "fitnet": ["connectors.0.conv.weight", "connectors.0.conv.bias", "connectors.0.bn.running_mean"],
+    "ab": ["criterion_modules.0.connectors.0.conv.weight", "criterion_modules.0.connectors.1.conv.bias"],
     "vid": ["criterion_modules.0.variance_param", "criterion_modules.1.variance_param", "criterion_modules.0.regressor.0.weight"],
     "cc": ["criterion_modules.0.embed_s.weight", "criterion_modules.0.embed_t.weight"],
     "crd": ["criterion_modules.0.crd.memory_s", "criterion_modules.0.crd.memory_t", "criterion_modules.0.crd.embed_s.weight",
             "criterion_modules.0.crd.embed_t.weight", "criterion_modules.0.crd.z_s"],
-    "ofd": ["criterion_modules.0.margin", "criterion_modules.0.connector.0.weight", "criterion_modules.1.connector.1.weight"],
-    "ft": ["criterion_modules.0.paraphraser.encoder.0.weight", "criterion_modules.0.paraphraser.decoder.0.weight",
-           "criterion_modules.0.translator.net.0.weight"],
+    "ofd": ["criterion_modules.0.margin0", "criterion_modules.0.margin1", "criterion_modules.0.connectors.0.0.weight",
+            "criterion_modules.0.connectors.1.1.weight"],
+    "ft": ["criterion_modules.0.paraphraser.encoder.0.weight", "criterion_modules.0.paraphraser.decoder.0.bias",
+           "criterion_modules.0.translator.net.0.weight", "criterion_modules.0.translator.net.1.running_var"],
     "reviewkd": ["criterion_modules.0.fusion.abfs.0.att_conv.0.weight", "criterion_modules.0.fusion.abfs.2.conv2.0.weight"],
 }
 
@@ -337,8 +426,8 @@ def test_helpers_are_checkpointed_and_restored(tmp_path: Path, name: str) -> Non
 
 STAGED = {
     "fitnet": ({"hint_epochs": 1}, ["hint", "main"], "hint_mse(teacher.stage2 -> student.stage2)"),
-    "fsp": ({}, ["init", "main"], "fsp(teacher.stem+teacher.stage1 -> student.stem+student.stage1)"),
-    "ab": ({}, ["init", "main"], "ab(teacher.stage1_pre -> student.stage1_pre)"),
+    "fsp": ({}, ["init", "main"], "fsp(teacher.stem+teacher.stage1+teacher.stage2 -> student.stem+student.stage1+student.stage2)"),
+    "ab": ({}, ["init", "main"], "ab(teacher.stage1_pre+teacher.stage2_pre -> student.stage1_pre+student.stage2_pre)"),
     "ft": ({}, ["paraphrase", "main"], "ft(teacher.stage2 -> student.stage2)"),
 }
 
@@ -382,8 +471,12 @@ def test_recipe_builds_against_the_fashion_pair(fashion_teacher: Path, name: str
         [f"nodes.teacher.checkpoint={fashion_teacher}"],
     )
     torch.manual_seed(0)
-    if name == "fsp":  # convnet_l is 4× wider than convnet_s: FSP cannot compare them, and the build says so
-        with pytest.raises(RecipeError, match=r"transfers\.0: criterion 'fsp' cannot compare these taps: .*channel counts"):
+    cannot = {  # the build says why, in one line
+        "fsp": r"transfers\.0: criterion 'fsp' cannot compare these taps: fsp needs two equally long lists",  # 3 vs 2 stages
+        "vid": r"transfers\.0: all_stages pairs stages in order, but teacher has 3 and student has 2",
+    }
+    if name in cannot:
+        with pytest.raises(RecipeError, match=cannot[name]):
             Flow(recipe, 10, (1, 28, 28), torch.randn(2, 1, 28, 28), num_data=256)
         return
     flow = Flow(recipe, 10, (1, 28, 28), torch.randn(2, 1, 28, 28), num_data=256, train_labels=torch.arange(256) % 10)
@@ -422,10 +515,11 @@ def test_ofd_finds_the_batch_norm_before_the_pre_activation() -> None:
     assert batch_norm_before(small, small.tap_names["stage2_pre"])[0] == "stage2.2"
     with pytest.raises(ValueError, match=r"no batch norm before 'stage1'"):
         batch_norm_before(small, "stage1")
-    info = BuildInfo(num_data=0, source_model=small, target_model=small, source_module="stage1.3", target_module="stage1.3")
-    assert CRITERIA["ofd"].fn((8, 4, 4), (16, 4, 4), info).margin.shape == (16,)  # stage1.3 is the ReLU after stage1.2
+    info = BuildInfo(num_data=0, source_model=small, target_model=small, source_module="stage1.3", target_module="stage1.3",
+                     source_modules=("stage1.3",))
+    assert CRITERIA["ofd"].fn([(8, 4, 4)], [(16, 4, 4)], info).margin0.shape == (16,)  # stage1.3 is the ReLU after stage1.2
     with pytest.raises(ValueError, match=r"batch norm 'stage1.2' has 16 channels, the tapped 'stage1.3' has 8"):
-        CRITERIA["ofd"].fn((8, 4, 4), (8, 4, 4), info)
+        CRITERIA["ofd"].fn([(8, 4, 4)], [(8, 4, 4)], info)
 
 
 def test_ofd_rejects_a_teacher_tap_without_a_batch_norm(tmp_path: Path) -> None:
@@ -452,7 +546,7 @@ def test_defaults_build_on_the_cifar_zoo(tmp_path: Path, name: str) -> None:
     stage = flow.stages[0]
     flow.set_stage_modes(stage)
     out = flow(torch.randn(4, 3, 32, 32), torch.randint(0, 100, (4,)), stage, 0)
-    assert math.isfinite(out.total.item()) and len(out.terms) > 1
+    assert math.isfinite(out.total.item()) and (len(out.terms) > 1 or "stage3_pre" in next(iter(out.terms)))
     if name == "ofd":  # the margin comes from the last block's bn2, the batch norm before the residual sum
         bn = flow.models["teacher"].layer1[-1].bn2
-        assert torch.equal(module(flow).margin, losses.ofd_margin(bn.weight, bn.bias))
+        assert torch.equal(module(flow).margin0, losses.ofd_margin(bn.weight, bn.bias, fallback_prob=1e-3))

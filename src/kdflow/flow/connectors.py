@@ -1,12 +1,41 @@
 """Trainable connectors that map a target tap to the source tap's shape (FitNet's regressor and kin).
 
 A connector belongs to the node on its target side and joins that node's optimizer.
+
+``regressor`` is the convolutional regressor of the CIFAR-100 benchmark's FitNet (Romero et al. 2015,
+as built by RepDistiller's and mdistiller's ``ConvReg``): a convolution with bias whose shape follows
+the two maps' spatial sizes (1×1 at equal size, 3×3 stride 2 from twice the size, 4×4 stride-2
+transposed from half the size, else a valid (1 + ΔH)×(1 + ΔW) kernel), then batch norm, then ReLU
+(``relu=False`` leaves the ReLU out: the benchmark's AB connector).
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from kdflow.flow.errors import RecipeError
+
+
+class Regressor(nn.Module):
+    """Conv (with bias, chosen by the spatial sizes) → BN → ReLU (optional); maps C_s×H_s×W_s to C_t×H_t×W_t."""
+
+    def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...], relu: bool = True) -> None:
+        super().__init__()
+        (c_s, h_s, w_s), (c_t, h_t, w_t) = in_shape, out_shape
+        if h_s == 2 * h_t:
+            self.conv: nn.Module = nn.Conv2d(c_s, c_t, kernel_size=3, stride=2, padding=1)
+        elif 2 * h_s == h_t:
+            self.conv = nn.ConvTranspose2d(c_s, c_t, kernel_size=4, stride=2, padding=1)
+        elif h_s >= h_t and w_s >= w_t:
+            self.conv = nn.Conv2d(c_s, c_t, kernel_size=(1 + h_s - h_t, 1 + w_s - w_t))
+        else:
+            raise ValueError(f"no regressor from spatial size {h_s}×{w_s} to {h_t}×{w_t}")
+        self.bn = nn.BatchNorm2d(c_t)
+        self.relu = relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn(self.conv(x))
+        return torch.relu(x) if self.relu else x
 
 
 def build_connector(kind: str, in_shape: tuple[int, ...], out_shape: tuple[int, ...], where: str) -> nn.Module:
@@ -24,4 +53,11 @@ def build_connector(kind: str, in_shape: tuple[int, ...], out_shape: tuple[int, 
         bn = nn.BatchNorm2d if len(in_shape) == 3 else nn.BatchNorm1d
         k = 1 if kind == "conv1x1" else 3
         return nn.Sequential(conv(in_shape[0], out_shape[0], k, padding=k // 2, bias=False), bn(out_shape[0]))
+    if kind == "regressor":
+        if len(in_shape) != 3 or len(out_shape) != 3:
+            raise RecipeError(f"{where}: connector 'regressor' maps C×H×W feature maps, got {in_shape} -> {out_shape}")
+        try:
+            return Regressor(in_shape, out_shape)
+        except ValueError as e:
+            raise RecipeError(f"{where}: {e}") from None
     raise RecipeError(f"{where}: unknown connector {kind!r}")

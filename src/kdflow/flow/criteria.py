@@ -42,6 +42,7 @@ class BuildInfo:
     target_model: nn.Module
     source_module: str | None  # the dotted module name of the (first) source tap, if it is a module tap
     target_module: str | None
+    source_modules: tuple[str | None, ...] = ()  # the module name of every source tap (a grouped criterion's list)
     train_labels: torch.Tensor | None = None  # the training split's labels, by sample index (CRD's class-aware negatives)
 
 
@@ -54,6 +55,7 @@ class Criterion:
     grouped: bool
     params: tuple[str, ...]  # what a recipe may set
     context: tuple[str, ...]  # what the flow passes at call time
+    stage_params: tuple[str, ...] = ()  # parameters that name a stage of the recipe (checked at validation)
 
     def call(self, fn: Callable[..., torch.Tensor], target_tap: Any, source_tap: Any, params: dict, context: dict) -> torch.Tensor:
         wanted = {k: v for k, v in context.items() if k in self.context}
@@ -75,12 +77,14 @@ def register_criterion(
     module: bool = False,
     grouped: bool = False,
     context: tuple[str, ...] = (),
+    stage_params: tuple[str, ...] = (),
 ) -> Criterion:
     """Register a loss (or, with module=True, a factory of loss modules) under `name`.
 
     A plain loss's parameters and context come from its signature; a module criterion's
     parameters from the factory's signature, and its context (what its forward takes after the
-    two taps) is given here.
+    two taps) is given here. `stage_params` names the parameters whose value is a stage name
+    (FT's paraphrase stage): recipe validation checks that the recipe has that stage.
     """
     if module:
         params = tuple(n for n in _keyword_names(fn, 0) if n not in FACTORY_ARGS)
@@ -91,5 +95,8 @@ def register_criterion(
         names = _keyword_names(fn, 2)
         params = tuple(n for n in names if n not in CONTEXT)
         context = tuple(n for n in names if n in CONTEXT)
-    CRITERIA[name] = Criterion(name, fn, same_shape, module, grouped, params, context)
+    unknown_stage = set(stage_params) - set(params)
+    if unknown_stage:
+        raise ValueError(f"criterion {name!r}: stage_params {sorted(unknown_stage)} are not among its parameters")
+    CRITERIA[name] = Criterion(name, fn, same_shape, module, grouped, params, context, tuple(stage_params))
     return CRITERIA[name]

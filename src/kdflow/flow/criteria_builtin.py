@@ -22,7 +22,6 @@ register_criterion("dist", losses.dist)
 register_criterion("annealing_mse", annealing_mse)
 # features (same shape after the connector, where one is needed)
 register_criterion("hint_mse", losses.hint)
-register_criterion("ab", losses.ab)
 # features compared after their own reduction: channel counts may differ
 register_criterion("at", losses.at, same_shape=False)
 register_criterion("nst", losses.nst, same_shape=False)

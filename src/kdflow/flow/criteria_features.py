@@ -1,10 +1,14 @@
-"""Feature criteria whose helpers need more than the tap shapes: OFD, FT and ReviewKD.
+"""Feature criteria whose helpers need more than the tap shapes: AB, OFD, FT and ReviewKD.
 
 Each factory builds an nn.Module at flow build time; the module belongs to the target node
 (the student): it joins that node's optimizer and checkpoint.
 
-- ``ofd``: the student connector (1×1 conv + BN) and the per-channel margin, a buffer computed
-  once from the teacher's batch norm that produces the tapped pre-ReLU value.
+- ``ab`` (grouped): per stage pair, the benchmark's connector on the student (none where the
+  shapes already agree) and the activation-boundary loss, the deepest pair weighted 1, halving
+  toward the input.
+- ``ofd`` (grouped): per stage pair, the student connector (1×1 conv + BN) and the per-channel
+  margin, a buffer computed once from the teacher's batch norm that produces the tapped pre-ReLU
+  value; the deepest pair weighted 1, halving toward the input.
 - ``ft``: the paraphraser (on the teacher's feature) and the translator (on the student's);
   in the paraphraser's stage it trains the paraphraser by reconstruction, elsewhere it
   compares the factors with the paraphraser frozen.
@@ -17,8 +21,10 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from kdflow import losses
+from kdflow.flow.connectors import Regressor
 from kdflow.flow.criteria import BuildInfo, register_criterion
 from kdflow.losses.precision import compute_dtype
 
@@ -55,45 +61,122 @@ def batch_norm_before(model: nn.Module, module_name: str) -> tuple[str, nn.Modul
     return found
 
 
-class OFD(nn.Module):
-    """Heo et al. 2019 (OFD): connector(F_s) against the teacher's pre-ReLU F_t, margin ReLU and partial L2."""
+def _depth_weights(n: int) -> list[float]:
+    """2^(k+1−n) for k = 0..n−1: the deepest of n stage pairs weighs 1, each shallower one half the next."""
+    return [2.0 ** (k + 1 - n) for k in range(n)]
 
-    def __init__(self, student_channels: int, teacher_channels: int, margin: torch.Tensor) -> None:
+
+def _as_lists(target_shape, source_shape, what: str) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+    targets = [tuple(s) for s in target_shape]
+    sources = [tuple(s) for s in source_shape]
+    for shape in [*targets, *sources]:
+        if len(shape) != 3:
+            raise ValueError(f"{what} taps feature maps C×H×W, got {shape}")
+    return targets, sources
+
+
+# ---------------------------------------------------------------------------------------
+# AB
+# ---------------------------------------------------------------------------------------
+
+
+class AB(nn.Module):
+    """Heo et al. 2019 (AB): Σ_k 2^(k+1−n) · ab(c_k(s_k), t_k) over the n stage pairs, c_k the connector
+    (the identity where the student's map already has the teacher's channels and size). With more taps on
+    one side, the deepest ones are paired (the lists' ends)."""
+
+    def __init__(self, student_shapes: list[tuple[int, ...]], teacher_shapes: list[tuple[int, ...]], margin: float) -> None:
         super().__init__()
-        conv = nn.Conv2d(student_channels, teacher_channels, kernel_size=1, bias=False)
-        bn = nn.BatchNorm2d(teacher_channels)
-        # OFD's initialisation: He-normal over the output fan, unit-scale zero-shift BN
-        nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / teacher_channels))
-        nn.init.ones_(bn.weight)
-        nn.init.zeros_(bn.bias)
-        self.connector = nn.Sequential(conv, bn)
-        self.register_buffer("margin", margin.detach().clone().float())
+        self.connectors = nn.ModuleList(
+            nn.Identity() if s[:2] == t[:2] else Regressor(s, t, relu=False) for s, t in zip(student_shapes, teacher_shapes)
+        )
+        self.weights = _depth_weights(len(student_shapes))
+        self.margin = float(margin)
 
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return losses.ofd(self.connector(student), teacher, self.margin)
+    def forward(self, students: list[torch.Tensor], teachers: list[torch.Tensor]) -> torch.Tensor:
+        n = len(self.connectors)
+        students, teachers = list(students)[-n:], list(teachers)[-n:]
+        total = students[0].new_zeros(())
+        for conn, w, s, t in zip(self.connectors, self.weights, students, teachers):
+            total = total + w * losses.ab(conn(s), t, self.margin)
+        return total
+
+
+def ab(target_shape: list[tuple[int, ...]], source_shape: list[tuple[int, ...]], build: BuildInfo, margin: float = 1.0) -> nn.Module:
+    """AB (Heo et al. 2019): the student's stages (pre-ReLU) against the teacher's, paired from the deepest.
+
+    Connector per pair as the CIFAR-100 benchmark builds it: none when channels and height agree,
+    else the `regressor` connector without its ReLU (conv with bias + BN)."""
+    targets, sources = _as_lists(target_shape, source_shape, "ab")
+    n = min(len(targets), len(sources))
+    return AB(targets[-n:], sources[-n:], margin)
+
+
+# ---------------------------------------------------------------------------------------
+# OFD
+# ---------------------------------------------------------------------------------------
+
+
+def _ofd_connector(student_channels: int, teacher_channels: int) -> nn.Sequential:
+    conv = nn.Conv2d(student_channels, teacher_channels, kernel_size=1, bias=False)
+    bn = nn.BatchNorm2d(teacher_channels)
+    # OFD's initialisation: He-normal over the output fan, unit-scale zero-shift BN
+    nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / teacher_channels))
+    nn.init.ones_(bn.weight)
+    nn.init.zeros_(bn.bias)
+    return nn.Sequential(conv, bn)
+
+
+class OFD(nn.Module):
+    """Heo et al. 2019 (OFD): per stage pair k, connector_k(F_s) against the teacher's pre-ReLU F_t
+    (average-pooled to the student's size where they differ), margin ReLU and partial L2; the pairs
+    weighted 2^(k+1−n). With more taps on one side, the deepest ones are paired (the lists' ends)."""
+
+    def __init__(self, student_channels: list[int], teacher_channels: list[int], margins: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.connectors = nn.ModuleList(_ofd_connector(s, t) for s, t in zip(student_channels, teacher_channels))
+        for k, m in enumerate(margins):
+            self.register_buffer(f"margin{k}", m.detach().clone())
+        self.weights = _depth_weights(len(margins))
+
+    def forward(self, students: list[torch.Tensor], teachers: list[torch.Tensor]) -> torch.Tensor:
+        n = len(self.connectors)
+        students, teachers = list(students)[-n:], list(teachers)[-n:]
+        total = students[0].new_zeros(())
+        for k, (conn, w, s, t) in enumerate(zip(self.connectors, self.weights, students, teachers)):
+            s = conn(s)
+            if t.shape[-2:] != s.shape[-2:]:
+                t = F.adaptive_avg_pool2d(t, s.shape[-2:])
+            total = total + w * losses.ofd(s, t, getattr(self, f"margin{k}").to(s.dtype))
+        return total
 
 
 def ofd(
-    target_shape: tuple[int, ...],
-    source_shape: tuple[int, ...],
+    target_shape: list[tuple[int, ...]],
+    source_shape: list[tuple[int, ...]],
     build: BuildInfo,
-    margin_fallback_prob: float | None = None,
+    margin_fallback_prob: float | None = 0.001,
 ) -> nn.Module:
-    """OFD (Heo et al. 2019): the student connector and the margin from the teacher's batch norm."""
-    if len(target_shape) != 3 or len(source_shape) != 3:
-        raise ValueError(f"ofd taps feature maps C×H×W, got {target_shape} and {source_shape}")
-    if target_shape[1:] != source_shape[1:]:
-        raise ValueError(f"ofd: spatial sizes differ ({target_shape} vs {source_shape}); tap stages of equal resolution")
-    if build.source_model is None or build.source_module is None:
-        raise ValueError("ofd needs a single teacher module tap (its batch norm gives the margin)")
-    bn_name, bn = batch_norm_before(build.source_model, build.source_module)
-    if bn.num_features != source_shape[0] or not bn.affine:
-        raise ValueError(
-            f"ofd: batch norm {bn_name!r} has {bn.num_features} channels{'' if bn.affine else ' and no affine parameters'}, "
-            f"the tapped {build.source_module!r} has {source_shape[0]}"
-        )
-    margin = losses.ofd_margin(bn.weight, bn.bias, fallback_prob=margin_fallback_prob)
-    return OFD(target_shape[0], source_shape[0], margin)
+    """OFD (Heo et al. 2019): student connectors and the margins from the teacher's batch norms.
+
+    `margin_fallback_prob`: a channel whose negative-response probability is at most this gets the
+    margin −3σ, as the authors' code and the CIFAR-100 benchmark do (None: the paper's formula
+    everywhere, see `losses.ofd_margin`)."""
+    targets, sources = _as_lists(target_shape, source_shape, "ofd")
+    if build.source_model is None or len(build.source_modules) != len(sources) or None in build.source_modules:
+        raise ValueError("ofd needs the teacher's module taps (their batch norms give the margins)")
+    n = min(len(targets), len(sources))
+    modules = build.source_modules[-n:]
+    margins = []
+    for module_name, shape in zip(modules, sources[-n:]):
+        bn_name, bn = batch_norm_before(build.source_model, module_name)
+        if bn.num_features != shape[0] or not bn.affine:
+            raise ValueError(
+                f"ofd: batch norm {bn_name!r} has {bn.num_features} channels{'' if bn.affine else ' and no affine parameters'}, "
+                f"the tapped {module_name!r} has {shape[0]}"
+            )
+        margins.append(losses.ofd_margin(bn.weight, bn.bias, fallback_prob=margin_fallback_prob))
+    return OFD([s[0] for s in targets[-n:]], [s[0] for s in sources[-n:]], margins)
 
 
 # ---------------------------------------------------------------------------------------
@@ -106,10 +189,9 @@ class FT(nn.Module):
 
     ``forward(student, teacher, stage)``: in stage ``paraphrase_stage`` it returns
     ``reconstruction_weight`` × the paraphraser's reconstruction loss on the (detached) teacher
-    feature, and only the paraphraser gets a gradient. In every other stage it returns the
-    factor-transfer loss between translator(F_s) and the paraphraser's factor of F_t, the
-    paraphraser in eval mode and without gradient (frozen); ``reduction="mean"`` divides the
-    per-sample L1 distance by the factor's size (the benchmark's form, for its β = 200).
+    feature, and only the paraphraser gets a gradient. In every other stage it returns
+    ``losses.factor_transfer`` between translator(F_s) and the paraphraser's factor of F_t, the
+    paraphraser in eval mode and without gradient (frozen).
     """
 
     def __init__(
@@ -120,11 +202,8 @@ class FT(nn.Module):
         paraphrase_stage: str,
         reconstruction_p: int,
         reconstruction_weight: float,
-        reduction: str,
     ) -> None:
         super().__init__()
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"ft: reduction must be 'mean' or 'sum', got {reduction!r}")
         if reconstruction_p not in (1, 2):
             raise ValueError("ft: reconstruction_p must be 1 or 2")
         self.paraphraser = losses.Paraphraser(teacher_channels, rate=rate)
@@ -132,7 +211,6 @@ class FT(nn.Module):
         self.paraphrase_stage = paraphrase_stage
         self.reconstruction_p = reconstruction_p
         self.reconstruction_weight = float(reconstruction_weight)
-        self.reduction = reduction
 
     def teacher_factor(self, teacher: torch.Tensor) -> torch.Tensor:
         """The frozen paraphraser's factor of the teacher feature (eval mode, no gradient)."""
@@ -140,19 +218,17 @@ class FT(nn.Module):
         self.paraphraser.eval()
         try:
             with torch.no_grad():
-                return self.paraphraser.encode(teacher.float())
+                return self.paraphraser.encode(compute_dtype(teacher))
         finally:
             self.paraphraser.train(was_training)
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, stage: str) -> torch.Tensor:
         if stage == self.paraphrase_stage:
-            return self.reconstruction_weight * self.paraphraser.reconstruction_loss(teacher.detach().float(), p=self.reconstruction_p)
+            recon = self.paraphraser.reconstruction_loss(compute_dtype(teacher.detach()), p=self.reconstruction_p)
+            return self.reconstruction_weight * recon
         factor_t = self.teacher_factor(teacher)
-        factor_s = self.translator(student.float())
-        loss = losses.factor_transfer(factor_s, factor_t)
-        if self.reduction == "mean":
-            loss = loss / factor_t[0].numel()
-        return loss
+        factor_s = self.translator(compute_dtype(student))
+        return losses.factor_transfer(factor_s, factor_t)
 
 
 def ft(
@@ -161,17 +237,15 @@ def ft(
     build: BuildInfo,
     rate: float = 0.5,
     paraphrase_stage: str = "paraphrase",
-    reconstruction_p: int = 1,
+    reconstruction_p: int = 2,
     reconstruction_weight: float = 1.0 / 200.0,
-    reduction: str = "mean",
 ) -> nn.Module:
     """FT (Kim et al. 2018). `reconstruction_weight` scales the paraphraser's loss so that, times the
-    transfer's weight (β = 200), the paraphraser trains on a unit-weight reconstruction loss."""
+    transfer's weight (β = 200), the paraphraser trains on a unit-weight reconstruction loss (MSE, p = 2,
+    the benchmark's). Factors of different spatial sizes are pooled to the smaller one."""
     if len(target_shape) != 3 or len(source_shape) != 3:
         raise ValueError(f"ft taps feature maps C×H×W, got {target_shape} and {source_shape}")
-    if target_shape[1:] != source_shape[1:]:
-        raise ValueError(f"ft: spatial sizes differ ({target_shape} vs {source_shape}); tap stages of equal resolution")
-    return FT(target_shape[0], source_shape[0], rate, paraphrase_stage, reconstruction_p, reconstruction_weight, reduction)
+    return FT(target_shape[0], source_shape[0], rate, paraphrase_stage, reconstruction_p, reconstruction_weight)
 
 
 # ---------------------------------------------------------------------------------------
@@ -226,6 +300,7 @@ def reviewkd(
     return ReviewKD(s_channels, t_channels, sizes, mid)
 
 
-register_criterion("ofd", ofd, module=True, same_shape=False)
-register_criterion("ft", ft, module=True, same_shape=False, context=("stage",))
+register_criterion("ab", ab, module=True, same_shape=False, grouped=True)
+register_criterion("ofd", ofd, module=True, same_shape=False, grouped=True)
+register_criterion("ft", ft, module=True, same_shape=False, context=("stage",), stage_params=("paraphrase_stage",))
 register_criterion("reviewkd", reviewkd, module=True, same_shape=False, grouped=True)

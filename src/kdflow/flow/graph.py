@@ -6,6 +6,7 @@ and transfers, and returns one total loss for one backward pass.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -13,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdflow.checkpoint import read_model_file, state_dict_mismatch
+from kdflow.flow.batch_norm import batch_statistics
 from kdflow.flow.connectors import build_connector
 from kdflow.flow.criteria import CRITERIA, BuildInfo
 from kdflow.flow.errors import RecipeError
@@ -183,7 +185,7 @@ class Flow(nn.Module):
             if crit.same_shape and tgt_shape != src_shape:
                 raise RecipeError(
                     f"{where}: shape mismatch: {t.to} is {tgt_shape}, {t.sources[0]} is {src_shape}; "
-                    "add a connector (connector: linear | conv1x1 | conv3x3)"
+                    "add a connector (connector: linear | conv1x1 | conv3x3 | regressor)"
                 )
             if crit.module:
                 self.criterion_modules[str(i)] = self._build_criterion(i, t, tgt_shape, src_shape)
@@ -217,6 +219,7 @@ class Flow(nn.Module):
             target_model=self.models[tgt_node],
             source_module=None if isinstance(t.source, FuseSpec) else module_name(src_node, src_tap),
             target_module=module_name(tgt_node, tgt_tap),
+            source_modules=() if isinstance(t.source, FuseSpec) else tuple(module_name(*split_tap(s)) for s in t.sources),
         )
         try:
             return CRITERIA[t.criterion].fn(tgt_shape, src_shape, info, **t.params)
@@ -263,7 +266,8 @@ class Flow(nn.Module):
             elif node in stage.train:
                 out = rec.run(x, self.runners.get(node))
             else:
-                with torch.inference_mode():
+                batch_stats = self.recipe.nodes[node].batch_norm == "batch"
+                with torch.inference_mode(), batch_statistics(self.models[node]) if batch_stats else nullcontext():
                     out = rec.run(x)
                 # inference tensors cannot be saved for backward: copy them out once
                 out = {k: v.clone() for k, v in out.items()}
@@ -326,7 +330,7 @@ class Flow(nn.Module):
         """Frozen nodes this stage reads only the logits of: their outputs can come from a teacher cache."""
         out = []
         for node in self.recipe.nodes:
-            if node in stage.train or not self.recipe.is_used(node, stage):
+            if node in stage.train or not self.recipe.is_used(node, stage) or self.recipe.nodes[node].batch_norm == "batch":
                 continue
             taps = {s for _, t in self.recipe.active_transfers(stage) for s in t.sources if s.split(".", 1)[0] == node}
             if taps == {f"{node}.logits"}:

@@ -6,12 +6,19 @@ node, the transfers between taps, the stages, and the optimisation settings. Met
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kdflow.flow import criteria_bss, criteria_builtin, criteria_features, criteria_modules  # noqa: F401  (fill the registry)
 from kdflow.flow.criteria import CRITERIA
+
+
+def _default_of(fn: Any, param: str) -> Any:
+    """The default value of `fn`'s parameter `param` (None if it has none)."""
+    default = inspect.signature(fn).parameters[param].default
+    return None if default is inspect.Parameter.empty else default
 
 
 class Strict(BaseModel):
@@ -67,6 +74,9 @@ class NodeSpec(Strict):
     args: dict[str, Any] = {}
     init_seed: int | None = None  # two nodes with the same arch and init_seed start equal
     optim: NodeOptim | None = None
+    # a frozen node's batch norms: running statistics (eval mode), or each batch's own statistics
+    # (OFD's reference runs its teacher in train mode); the running statistics are never updated
+    batch_norm: Literal["running", "batch"] = "running"
 
     @model_validator(mode="before")
     @classmethod
@@ -105,7 +115,7 @@ class GroupSpec(Strict):
 
 
 class ConnectorSpec(Strict):
-    kind: Literal["linear", "conv1x1", "conv3x3"]
+    kind: Literal["linear", "conv1x1", "conv3x3", "regressor"]
 
 
 def _inline_params(data: Any, known: set[str]) -> Any:
@@ -341,6 +351,13 @@ class Recipe(Strict):
             for name in t.stages or []:
                 if name not in stage_names:
                     raise ValueError(f"transfers.{i}.stages: no stage {name!r} (stages: {', '.join(stage_names)})")
+            for param in CRITERIA[t.criterion].stage_params:
+                name = t.params.get(param, _default_of(CRITERIA[t.criterion].fn, param))
+                if name is not None and name not in stage_names:
+                    raise ValueError(
+                        f"transfers.{i}: criterion {t.criterion!r} refers to stage {name!r} ({param}) which the recipe "
+                        f"does not have (stages: {', '.join(stage_names)})"
+                    )
         pools = {t.pool for t in self.transfers if t.pool}
         for pool, k in self.drop.items():
             if pool not in pools:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdflow.losses.features import match_spatial
+from kdflow.losses.precision import compute_dtype
 
 # ---------------------------------------------------------------------------------------
 # VID
@@ -28,8 +29,9 @@ class VIDLoss(nn.Module):
     q(t | s) = Π_{c,h,w} N(t_{c,h,w}; μ_{c,h,w}(s), σ_c²), with
 
     * μ(s) = a regressor of three 1×1 convolutions with ReLU between them:
-      Conv1×1(C_s → C_h) → ReLU → Conv1×1(C_h → C_h) → ReLU → Conv1×1(C_h → C_t), with
-      biases, C_h = ``hidden_channels`` (default: C_t, as in the benchmark code);
+      Conv1×1(C_s → C_h) → ReLU → Conv1×1(C_h → C_h) → ReLU → Conv1×1(C_h → C_t), without
+      biases (as in the CIFAR-100 benchmark's code), C_h = ``hidden_channels`` (default: C_t,
+      as there);
     * σ_c² = softplus(a_c) + eps, one learned a_c per teacher channel, initialised to
       a_c = log(exp(init_variance − eps) − 1) so that σ² starts at ``init_variance``.
 
@@ -60,11 +62,11 @@ class VIDLoss(nn.Module):
         self.eps = float(eps)
         self.reduction = reduction
         self.regressor = nn.Sequential(
-            nn.Conv2d(student_channels, hidden, kernel_size=1),
+            nn.Conv2d(student_channels, hidden, kernel_size=1, bias=False),
             nn.ReLU(),
-            nn.Conv2d(hidden, hidden, kernel_size=1),
+            nn.Conv2d(hidden, hidden, kernel_size=1, bias=False),
             nn.ReLU(),
-            nn.Conv2d(hidden, teacher_channels, kernel_size=1),
+            nn.Conv2d(hidden, teacher_channels, kernel_size=1, bias=False),
         )
         init = math.log(math.expm1(init_variance - eps))
         self.variance_param = nn.Parameter(torch.full((teacher_channels,), init))
@@ -74,7 +76,7 @@ class VIDLoss(nn.Module):
         return F.softplus(self.variance_param) + self.eps
 
     def forward(self, student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
-        s, t = match_spatial(student_feature.float(), teacher_feature.float())
+        s, t = match_spatial(compute_dtype(student_feature), compute_dtype(teacher_feature))
         mu = self.regressor(s)
         if mu.shape != t.shape:
             raise ValueError(f"regressor output {tuple(mu.shape)} does not match teacher {tuple(t.shape)}")
@@ -90,13 +92,10 @@ class VIDLoss(nn.Module):
 # ---------------------------------------------------------------------------------------
 
 
-def _conv_block(cin: int, cout: int, transposed: bool = False) -> list[nn.Module]:
+def _conv_block(cin: int, cout: int, batch_norm: bool, transposed: bool = False) -> list[nn.Module]:
     conv_cls = nn.ConvTranspose2d if transposed else nn.Conv2d
-    return [
-        conv_cls(cin, cout, kernel_size=3, stride=1, padding=1, bias=False),
-        nn.BatchNorm2d(cout),
-        nn.LeakyReLU(0.1),
-    ]
+    conv = conv_cls(cin, cout, kernel_size=3, stride=1, padding=1)
+    return [conv, nn.BatchNorm2d(cout), nn.LeakyReLU(0.1)] if batch_norm else [conv, nn.LeakyReLU(0.1)]
 
 
 class Paraphraser(nn.Module):
@@ -105,32 +104,31 @@ class Paraphraser(nn.Module):
     feature map whose code is the "factor".
 
     Encoder: three 3×3 convolutions C → C → k·C → k·C; decoder: three 3×3 transposed
-    convolutions k·C → k·C → C → C; each followed by batch norm and LeakyReLU(0.1); stride 1
-    and padding 1 throughout, so the spatial size is kept. k is the paraphrase rate.
-
-    ``factor_channels`` is the factor's channel count; pass ``None`` to use
-    max(1, round(rate · channels)) (the paper's k = 0.5 on CIFAR). An explicit
-    ``factor_channels`` wins over ``rate``.
+    convolutions k·C → k·C → C → C; each with bias and followed by LeakyReLU(0.1), with batch
+    norm before it only if ``batch_norm`` (off by default, as the CIFAR-100 benchmark builds its
+    paraphraser); stride 1 and padding 1 throughout, so the spatial size is kept. k is the
+    paraphrase rate: ``factor_channels`` defaults to ⌊rate · channels⌋ (at least 1; the paper's
+    k = 0.5 on CIFAR); an explicit ``factor_channels`` wins over ``rate``.
 
     ``forward(x)`` returns the factor (the encoder output) used by ``factor_transfer``;
     ``reconstruction_loss(x)`` is the pretraining objective (decoder(encoder(x)) vs x).
     """
 
-    def __init__(self, channels: int, factor_channels: int | None = None, rate: float = 0.5) -> None:
+    def __init__(self, channels: int, factor_channels: int | None = None, rate: float = 0.5, batch_norm: bool = False) -> None:
         super().__init__()
         if factor_channels is None:
-            factor_channels = max(1, round(rate * channels))
+            factor_channels = max(1, int(rate * channels))
         self.channels = channels
         self.factor_channels = factor_channels
         self.encoder = nn.Sequential(
-            *_conv_block(channels, channels),
-            *_conv_block(channels, factor_channels),
-            *_conv_block(factor_channels, factor_channels),
+            *_conv_block(channels, channels, batch_norm),
+            *_conv_block(channels, factor_channels, batch_norm),
+            *_conv_block(factor_channels, factor_channels, batch_norm),
         )
         self.decoder = nn.Sequential(
-            *_conv_block(factor_channels, factor_channels, transposed=True),
-            *_conv_block(factor_channels, channels, transposed=True),
-            *_conv_block(channels, channels, transposed=True),
+            *_conv_block(factor_channels, factor_channels, batch_norm, transposed=True),
+            *_conv_block(factor_channels, channels, batch_norm, transposed=True),
+            *_conv_block(channels, channels, batch_norm, transposed=True),
         )
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,12 +140,9 @@ class Paraphraser(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.encode(x)
 
-    def reconstruction_loss(self, x: torch.Tensor, p: int = 1) -> torch.Tensor:
-        """Pretraining loss: mean over all elements of |decode(encode(x)) − x|^p.
-
-        [check] p = 1 (L1) by default, as the framework's brief for the paper; the benchmark
-        code pretrains with MSE, which is ``p=2``.
-        """
+    def reconstruction_loss(self, x: torch.Tensor, p: int = 2) -> torch.Tensor:
+        """Pretraining loss: mean over all elements of |decode(encode(x)) − x|^p; p = 2 (MSE, the
+        CIFAR-100 benchmark's) by default, p = 1 for L1."""
         if p not in (1, 2):
             raise ValueError("p must be 1 or 2")
         recon = self.decode(self.encode(x))
@@ -159,15 +154,16 @@ class Translator(nn.Module):
     """Translator of Kim et al. 2018 (FT): maps the student's feature map to the factor space.
 
     Three 3×3 convolutions C_s → C_s → F → F (F = ``factor_channels``, the paraphraser's
-    factor width), each with batch norm and LeakyReLU(0.1); stride 1, padding 1.
+    factor width), each with bias, batch norm (``batch_norm``, on by default as in the
+    benchmark) and LeakyReLU(0.1); stride 1, padding 1.
     """
 
-    def __init__(self, in_channels: int, factor_channels: int) -> None:
+    def __init__(self, in_channels: int, factor_channels: int, batch_norm: bool = True) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            *_conv_block(in_channels, in_channels),
-            *_conv_block(in_channels, factor_channels),
-            *_conv_block(factor_channels, factor_channels),
+            *_conv_block(in_channels, in_channels, batch_norm),
+            *_conv_block(in_channels, factor_channels, batch_norm),
+            *_conv_block(factor_channels, factor_channels, batch_norm),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -77,7 +77,7 @@ def hint(student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.
     ½‖·‖² differs by a constant factor absorbed in β). Shapes must be equal.
     """
     _check_same_shape(student_feature, teacher_feature, "hint")
-    return F.mse_loss(student_feature.float(), teacher_feature.float())
+    return F.mse_loss(compute_dtype(student_feature), compute_dtype(teacher_feature))
 
 
 # ---------------------------------------------------------------------------------------
@@ -131,30 +131,35 @@ def fsp_matrix(feature_a: torch.Tensor, feature_b: torch.Tensor) -> torch.Tensor
     resolution this is the benchmark's choice).
     """
     _check_batches(feature_a, feature_b)
-    fa, fb = match_spatial(feature_a.float(), feature_b.float())
+    fa, fb = match_spatial(compute_dtype(feature_a), compute_dtype(feature_b))
     hw = fa.shape[-2] * fa.shape[-1]
     return torch.einsum("bihw,bjhw->bij", fa, fb) / hw
 
 
-def fsp(
-    student_pair: tuple[torch.Tensor, torch.Tensor],
-    teacher_pair: tuple[torch.Tensor, torch.Tensor],
-) -> torch.Tensor:
+def fsp(student_layers: Sequence[torch.Tensor], teacher_layers: Sequence[torch.Tensor]) -> torch.Tensor:
     """Yim, Joo, Bae and Kim 2017, "A Gift from Knowledge Distillation: Fast Optimization,
     Network Minimization and Transfer Learning" (CVPR).
 
-    G = ``fsp_matrix``(F1, F2) for the student pair and the teacher pair;
-    loss = mean over B·C1·C2 of (G_s − G_t)².
+    For each pair of consecutive layers (F_k, F_k+1) of the lists (two layers: one pair),
+    G = ``fsp_matrix``(F_k, F_k+1) for the student and the teacher;
+    loss = Σ_k mean over B·C_k·C_k+1 of (G_s,k − G_t,k)² (λ = 1 for every pair).
 
-    Reduction: mean over all entries (the benchmark's; the paper's
-    1/N Σ_x λ ‖G_s − G_t‖²₂ sums the C1·C2 entries, i.e. C1·C2 × ours per pair).
-    Student and teacher must give Gram matrices of the same shape (equal channels);
-    their spatial sizes may differ. One call per pair; sum with weights λ in the flow.
+    Reduction: mean over all entries of each matrix, summed over the pairs (the CIFAR-100
+    benchmark's; the paper's 1/N Σ_x λ ‖G_s − G_t‖²₂ sums the C1·C2 entries, i.e. C1·C2 × ours
+    per pair). Student and teacher must give Gram matrices of the same shape (equal channels
+    at every layer); their spatial sizes may differ.
     """
-    g_s = fsp_matrix(*student_pair)
-    g_t = fsp_matrix(*teacher_pair)
-    _check_same_shape(g_s, g_t, "fsp (Gram matrices, i.e. channel counts)")
-    return (g_s - g_t).pow(2).mean()
+    if len(student_layers) != len(teacher_layers) or len(student_layers) < 2:
+        raise ValueError(f"fsp needs two equally long lists of at least two layers, got {len(student_layers)} and {len(teacher_layers)}")
+    total: torch.Tensor | None = None
+    for k in range(len(student_layers) - 1):
+        g_s = fsp_matrix(student_layers[k], student_layers[k + 1])
+        g_t = fsp_matrix(teacher_layers[k], teacher_layers[k + 1])
+        _check_same_shape(g_s, g_t, "fsp (Gram matrices, i.e. channel counts)")
+        term = (g_s - g_t).pow(2).mean()
+        total = term if total is None else total + term
+    assert total is not None
+    return total
 
 
 # ---------------------------------------------------------------------------------------
@@ -201,14 +206,13 @@ def ab(student_preact: torch.Tensor, teacher_preact: torch.Tensor, margin: float
     i.e. (m − s)² where the teacher neuron is active and s < m, (m + s)² where it is
     inactive (t ≤ 0) and s > −m, 0 elsewhere.
 
-    Reduction [check]: the squared L2 norm is summed over all C·H·W elements of a sample
-    (the paper's per-sample loss) and averaged over the batch (sum / B, the expectation
-    over the data). Published code applies further constant factors, so weights taken
-    from it must be converted. Zero exactly when s ≥ m wherever t > 0 and s ≤ −m
-    wherever t ≤ 0. Shapes must be equal.
+    Reduction: the squared L2 norm is summed over all C·H·W elements of a sample
+    (the paper's per-sample loss) and averaged over the batch (sum / B), as the CIFAR-100
+    benchmark does before its own factor 3/1000 (the `ab` method's weight). Zero exactly when
+    s ≥ m wherever t > 0 and s ≤ −m wherever t ≤ 0. Shapes must be equal.
     """
     _check_same_shape(student_preact, teacher_preact, "ab")
-    s, t = student_preact.float(), teacher_preact.float()
+    s, t = compute_dtype(student_preact), compute_dtype(teacher_preact)
     positive = t > 0
     hinge = torch.where(positive, F.relu(margin - s), F.relu(margin + s))
     return hinge.pow(2).sum() / s.shape[0]
@@ -270,7 +274,7 @@ def ofd(student_feature: torch.Tensor, teacher_preact: torch.Tensor, margin: tor
     Zero when s = t' everywhere, and when s ≤ t' wherever t' ≤ 0 with s = t' elsewhere.
     """
     _check_same_shape(student_feature, teacher_preact, "ofd")
-    s, t = student_feature.float(), teacher_preact.float()
+    s, t = compute_dtype(student_feature), compute_dtype(teacher_preact)
     m = torch.as_tensor(margin, dtype=t.dtype, device=t.device).detach()
     if m.dim() == 1:
         if m.shape[0] != t.shape[1]:
@@ -286,30 +290,31 @@ def ofd(student_feature: torch.Tensor, teacher_preact: torch.Tensor, margin: tor
 # ---------------------------------------------------------------------------------------
 
 
-def factor_transfer(student_factor: torch.Tensor, teacher_factor: torch.Tensor, p: float = 1.0) -> torch.Tensor:
+def factor_map(factor: torch.Tensor, power: float = 2.0) -> torch.Tensor:
+    """The compared form of an FT factor (B×C×H×W): mean over channels of F^power, flattened per
+    sample (B × H·W) and L2-normalised per sample (``F.normalize``, eps 1e-12)."""
+    _check_4d(factor)
+    return F.normalize(compute_dtype(factor).pow(power).mean(dim=1).flatten(1), p=2, dim=1)
+
+
+def factor_transfer(student_factor: torch.Tensor, teacher_factor: torch.Tensor, p: float = 1.0, power: float = 2.0) -> torch.Tensor:
     """Kim, Park and Kwak 2018, "Paraphrasing Complex Network: Network Compression via
-    Factor Transfer" (NeurIPS).
+    Factor Transfer" (NeurIPS), in the form of the CIFAR-100 benchmark (RepDistiller's
+    ``FactorTransfer``, whose defaults are power 2 and p = 1).
 
-    F_T = paraphraser encoding of the teacher feature, F_S = translator output of the
-    student, both flattened per sample and L2-normalised:
-    loss = mean over the batch of ‖F_S/‖F_S‖₂ − F_T/‖F_T‖₂‖_p (the paper's p = 1).
+    F_T = paraphraser factor of the teacher's feature, F_S = translator output of the student
+    (B×C×H×W, equal channels); each is reduced to A = ``factor_map``(F, power), the per-sample
+    L2-normalised channel mean of F^power; loss = mean over B·H·W of |A_S − A_T|^p.
 
-    Reduction [check]: the L_p *norm* per sample (sum of |·| for p = 1), mean over the batch,
-    as in the paper. The benchmark code instead averages |·|^p over all B·D elements,
-    i.e. ours / D for p = 1 — its β = 200 corresponds to β = 200 / D here.
-    A zero difference gives 0 with a finite gradient for every p ≥ 1.
+    The paper writes the distance ‖F_T/‖F_T‖₂ − F_S/‖F_S‖₂‖_p between whole vectorised
+    factors; the benchmark's β = 200 goes with the form here. If the spatial sizes differ,
+    the larger factor is adaptive-average-pooled to the smaller size first (as the benchmark
+    does). Zero when the two maps are equal, with a finite gradient.
     """
-    _check_same_shape(student_factor, teacher_factor, "factor_transfer")
-    fs = F.normalize(student_factor.float().flatten(1), p=2, dim=1)
-    ft = F.normalize(teacher_factor.float().flatten(1), p=2, dim=1)
-    diff = (fs - ft).abs()
-    if p == 1:
-        dist = diff.sum(dim=1)
-    else:
-        total = diff.pow(p).sum(dim=1)
-        floor = _SQ_EPS ** (p / 2.0)
-        dist = torch.where(total > floor, total.clamp_min(floor).pow(1.0 / p), torch.zeros_like(total))
-    return dist.mean()
+    _check_batches(student_factor, teacher_factor)
+    fs, ft = match_spatial(compute_dtype(student_factor), compute_dtype(teacher_factor))
+    diff = (factor_map(fs, power) - factor_map(ft, power)).abs()
+    return diff.mean() if p == 1 else diff.pow(p).mean()
 
 
 # ---------------------------------------------------------------------------------------

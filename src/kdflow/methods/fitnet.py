@@ -2,9 +2,11 @@
 Deep Nets" (ICLR).
 
 Student loss γ·CE(z_s, y) + β·MSE(r(F_s), F_t): the student's guided layer F_s, through a
-trainable regressor r (a 3×3 conv + BN connector owned by the student), imitates the
-teacher's hint layer F_t. Defaults (the CIFAR-100 benchmark, ../shared/methods.md): hint and
-guided layer at stage 2, β=100, γ=1.
+trainable regressor r (the `regressor` connector owned by the student: a conv with bias whose
+shape follows the spatial sizes, 1×1 at equal size, then BN and ReLU, as the CIFAR-100 benchmark
+builds it), imitates the teacher's hint layer F_t. Defaults (the benchmark, ../shared/methods.md):
+hint and guided layer at stage position 1 (`stage[1]`, the second stage: the benchmark's
+`hint_layer=2` in its feature list [stem, stage1, ...]), β=100, γ=1.
 
 The paper first trains the student up to the guided layer on the hint alone, then the whole
 student. `hint_epochs > 0` adds that hint stage: stage `hint` trains the student (and r) on
@@ -25,11 +27,11 @@ from kdflow.methods.registry import Graph, register_method
 def fitnet(
     teacher: str = "teacher",
     student: str = "student",
-    teacher_tap: str = "stage2",
-    student_tap: str = "stage2",
+    teacher_tap: str = "stage[1]",
+    student_tap: str = "stage[1]",
     weight: float = 100.0,
     ce_weight: float = 1.0,
-    connector: str = "conv3x3",
+    connector: str = "regressor",
     hint_epochs: int = 0,
 ) -> Graph:
     hint = {

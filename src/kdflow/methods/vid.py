@@ -2,12 +2,12 @@
 Knowledge Transfer" (CVPR).
 
 Student loss γ·CE + Σ_k β·NLL_k: per stage pair k, the Gaussian negative log-likelihood of
-the teacher's feature t under N(μ(s), σ²), μ a 3-layer 1×1-conv regressor of the student's
-feature and σ_c² = softplus(a_c) + ε a learned per-channel variance starting at 5
+the teacher's feature t under N(μ(s), σ²), μ a 3-layer 1×1-conv regressor (no biases) of the
+student's feature and σ_c² = softplus(a_c) + ε a learned per-channel variance starting at 5
 (`kdflow.losses.VIDLoss`, the `vid` criterion module: regressor and variances are trainable
 helpers of the student). NLL = mean over elements of (t − μ)²/(2σ²) + ½ log σ² (the
 benchmark's reduction, for its β=1). Defaults: β=1 per stage (summed), ε=1e-5, γ=1,
-stages stage1 and stage2 (the benchmark takes every stage of the 3-stage CIFAR nets).
+every stage (`all_stages`, the benchmark's feature list without stem and embedding).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from kdflow.methods.registry import Graph, register_method
 def vid(
     teacher: str = "teacher",
     student: str = "student",
-    stages: list[str] = ("stage1", "stage2"),
+    stages: list[str] = ("all_stages",),
     init_variance: float = 5.0,
     eps: float = 1e-5,
     weight: float = 1.0,

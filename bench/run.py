@@ -49,6 +49,7 @@ FULL = {
     "ddp": {"fmnist": {"rounds": 2, "warmup": 5, "reps": 8, "steps": 4},
             "cifar": {"rounds": 1, "warmup": 2, "reps": 4, "steps": 1}},
     "options": {"warmup": 6, "reps": 15, "steps": 4, "compile": True},
+    "crd": {"cifar": (1, 6, 1)},  # CRD's step against KD's (both forms of the scores)
     "quiet_budget_s": 600,  # at most this long in all, waiting for other jobs to leave the CPUs
     "retry": True,  # re-run rounds that waited for a CPU (at most as many as the rounds asked for)
 }
@@ -61,11 +62,12 @@ QUICK = {
     "method_list": ["ce", "kd", "fitnet", "dml", "slkd", "fsp"],
     "ddp": {"fmnist": {"rounds": 1, "warmup": 2, "reps": 2, "steps": 2}},
     "options": {"warmup": 2, "reps": 3, "steps": 2, "compile": False},
+    "crd": {"fmnist": (1, 2, 1)},
     "quiet_budget_s": 0,
     "retry": False,
 }
 
-SECTIONS = ["overhead", "cache", "methods", "ddp", "options"]
+SECTIONS = ["overhead", "cache", "methods", "ddp", "options", "crd"]
 
 
 @dataclass
@@ -579,6 +581,57 @@ def section_options(b: Bench) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+# ---------------------------------------------------------------------------------------------
+# 7. CRD against KD
+# ---------------------------------------------------------------------------------------------
+
+
+def section_crd(b: Bench) -> None:
+    """CRD's engine step (default: exact negatives, the bank-matmul scores), the same with the gathered-rows scores,
+    and KD's step, interleaved; the ratio to KD is the figure (target ≤ 1.3)."""
+    b.emit("## 7. CRD: its step against KD's\n")
+    b.emit(machine_line())
+    rows, notes, timings = [], [], []
+    b.results["crd"] = {}
+    for key, (w, r, k) in b.cfg["crd"].items():
+        if key not in b.cfg["pairs"]:
+            continue
+        pair, ck, data = b.pair_setup(key)
+        log(f"crd: {key}")
+        kd = W.engine(pair, "kd", ck, data)
+        crd = W.engine(pair, "crd", ck, data)
+        gather = W.engine(pair, "crd", ck, data, overrides={"method": {"name": "crd", "form": "gather"}})
+        module = crd.flow.criterion_modules["0"].crd
+        b.quiet()
+        res = interleave({"kd": kd.step, "crd": crd.step, "gather": gather.step}, w, r, k, max_discard=b.retries(r))
+        timings += res.values()
+        t_kd, t_crd, t_g = res["kd"], res["crd"], res["gather"]
+        b.results["crd"][key] = {"crd_vs_kd": ratio(t_crd, t_kd), "gather_vs_kd": ratio(t_g, t_kd),
+                                 "gather_vs_crd": ratio(t_g, t_crd), "kd_ms": t_kd.median * 1000}
+        bs = pair.batch
+        rows += [
+            [pair.title, "KD (τ = 4, 0.1·CE + 0.9·KD)", ms(t_kd.median), f"{t_kd.per_second(bs):.0f}", "1.00"],
+            ["", f"CRD, scores by bank matmul (default here; {module.mode} negatives)", ms(t_crd.median),
+             f"{t_crd.per_second(bs):.0f}", f"**{ratio(t_crd, t_kd):.2f}**"],
+            ["", "CRD, scores on gathered bank rows (`form: gather`)", ms(t_g.median), f"{t_g.per_second(bs):.0f}",
+             f"{ratio(t_g, t_kd):.2f}"],
+        ]
+        notes.append(f"{pair.key}: {steps_note(w, r, k)} per variant; M = {pair.num_data} samples in the bank, "
+                     f"K = {module.num_negatives} negatives, batch {bs}")
+        print(f"crd {key}: CRD / KD step time = {ratio(t_crd, t_kd):.2f} (gather form {ratio(t_g, t_kd):.2f})",
+              file=sys.stderr, flush=True)
+    b.emit(
+        "\nkdflow engine steps on the same pre-made batches: KD, CRD with the method's defaults (K = 16384 negatives "
+        "drawn from the other classes' samples of a balanced training split of M samples, 128-d embeddings, two "
+        "memory banks), and CRD with its scores computed on the gathered bank rows (the memory-bank gather of the "
+        "reference implementations) instead of one matmul of the anchors with the whole bank. CRD runs no KD term: "
+        "its extra cost over KD is the sampling of the contrast sets, the scores and the bank update. *× KD* = median "
+        "step time over that of KD. Steps: " + "; ".join(notes) + ".\n"
+    )
+    b.emit(table(["pair", "variant", "ms / step", "img/s", "× KD (time)"], rows, "llrrr"))
+    b.emit("\nTarget: CRD within 1.3 × KD. " + load_note(list(timings)) + "\n")
+
+
 def reading(b: Bench) -> str:
     r = b.results
     lines = ["## Reading\n"]
@@ -598,6 +651,12 @@ def reading(b: Bench) -> str:
             f"{c['cached_vs_ce']:.3f}× the student-alone step ({gap:+.1f} ms: the cache lookup is "
             f"{c['lookup_ms']:.2f} ms, the rest is the KD loss and its backward), live KD {c['live_vs_ce']:.2f}×, so "
             f"the cache makes KD {c['live_vs_cached']:.2f}× faster."
+        )
+    for key, c in r.get("crd", {}).items():
+        met = "met" if c["crd_vs_kd"] <= 1.3 else "not met"
+        lines.append(
+            f"- **CRD, {W.PAIRS[key].title} (target ≤ 1.3 × KD): {met}** — its step takes {c['crd_vs_kd']:.2f}× KD's; "
+            f"with the scores on gathered bank rows {c['gather_vs_kd']:.2f}× ({c['gather_vs_crd']:.1f}× the matmul form)."
         )
     for key, res in r.get("methods", {}).items():
         ok = {m: statistics.median(v["method"]) / statistics.median(v["ce"]) for m, v in res.items() if "error" not in v}
@@ -672,7 +731,7 @@ def main(argv: list[str] | None = None) -> int:
             + "\n"
         )
         order = {"overhead": section_overhead, "cache": section_cache, "methods": section_methods, "ddp": section_ddp,
-                 "options": section_options}
+                 "options": section_options, "crd": section_crd}
         for name in SECTIONS:
             if name in sections:
                 order[name](b)

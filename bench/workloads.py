@@ -209,7 +209,9 @@ def build_recipe(pair: Pair, method: str, ckpts: dict[str, str], overrides: dict
 def build_flow(recipe: Recipe, pair: Pair, sample: torch.Tensor, stage_name: str) -> tuple[Flow, StageSpec]:
     """The flow as `kdflow.engine.train.train` builds it (seeded, channels_last and precision from the recipe)."""
     seed_everything(recipe.seed)
-    flow = Flow(recipe, pair.classes, pair.shape, sample, num_data=pair.num_data)
+    # a balanced training split's labels (CRD draws its negatives from the other classes' samples)
+    labels = torch.arange(pair.num_data) % pair.classes
+    flow = Flow(recipe, pair.classes, pair.shape, sample, num_data=pair.num_data, train_labels=labels)
     if recipe.train.channels_last and sample.dim() == 4:
         flow = flow.to(memory_format=torch.channels_last)
     flow.autocast_dtype = AUTOCAST[recipe.train.precision]

@@ -15,6 +15,7 @@ SECTIONS = [
     "## 4. Peak memory per method",
     "## 5. Data parallel",
     "## 6. channels_last, torch.compile and bf16 autocast",
+    "## 7. CRD: its step against KD's",
     "## Reading",
 ]
 
@@ -48,7 +49,7 @@ def test_quick_benchmark_writes_every_table(tmp_path: Path) -> None:
     assert positions == sorted(positions)
 
     found = tables(text)
-    assert len(found) == 6  # overhead, cache, methods (one pair in --quick), memory, DDP, options
+    assert len(found) == 7  # overhead, cache, methods (one pair in --quick), memory, DDP, options, CRD
     for t in found:
         assert len(t) >= 2 and all(len(row) == len(t[0]) for row in t), t
     # the machine, torch version and thread count above every table
@@ -56,7 +57,7 @@ def test_quick_benchmark_writes_every_table(tmp_path: Path) -> None:
         if "\n| " in section:
             assert "*Machine:" in section and "torch 2." in section and "intra-op threads:" in section
 
-    overhead, cache, methods, memory, ddp, options = found
+    overhead, cache, methods, memory, ddp, options, crd = found
     assert overhead[1][1].startswith("hand-written") and any("train_epoch()" in r[1] for r in overhead)
     assert re.fullmatch(r"\*\*[+-]\d+\.\d %\*\*", overhead[2][4])  # the overhead in percent
     assert cache[0][5].startswith("cached KD / CE") and re.fullmatch(r"\*\*\d+\.\d+\*\*", cache[1][5])
@@ -71,3 +72,5 @@ def test_quick_benchmark_writes_every_table(tmp_path: Path) -> None:
     assert all(float(r[3]) > 0 for r in ddp[1:])
     variants = [r[0] for r in options[1:]]
     assert variants[0].endswith("(baseline)") and "channels_last" in variants and "bf16 autocast" in variants
+    assert [r[1].split(",")[0] for r in crd[1:]] == ["KD (τ = 4", "CRD", "CRD"]
+    assert crd[1][4] == "1.00" and re.fullmatch(r"\*\*\d+\.\d\d\*\*", crd[2][4])  # CRD's step over KD's

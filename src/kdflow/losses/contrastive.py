@@ -191,7 +191,7 @@ class CRDLoss(nn.Module):
                 z.fill_(float(scores.detach().double().exp().mean() * self.num_data))
         log_e = scores - math.log(float(z))
         c = self.num_negatives / self.num_data
-        log_denominator = torch.logaddexp(log_e, torch.full_like(log_e, math.log(c + self.eps)))
+        log_denominator = torch.logaddexp(log_e, log_e.new_tensor(math.log(c + self.eps)))
         log_h_pos = log_e[:, 0] - log_denominator[:, 0]
         log_one_minus_h_neg = math.log(c) - log_denominator[:, 1:]
         return -(log_h_pos.sum() + log_one_minus_h_neg.sum()) / scores.shape[0]

@@ -9,7 +9,9 @@ train_student.py): β=0.8, γ=1, K=16384, τ=0.07, bank momentum 0.5, `mode: exa
 is the sample itself, the K negatives are drawn from the samples of the other classes, without
 replacement when there are at least K of them, as RepDistiller's CIFAR100InstanceSample does);
 `relax` draws the positive from the sample's class; `uniform` draws negatives from all samples
-(no labels needed). CRD+KD: `method: [crd, {name: kd, kd_weight: 1.0}]`.
+(no labels needed). `form` computes the scores against the whole bank (`matmul`, the fast one while
+the training set is a few times K, as on CIFAR) or on the gathered contrast rows (`gather`); `auto`
+picks (`kdflow.losses.CRDLoss`). CRD+KD: `method: [crd, {name: kd, kd_weight: 1.0}]`.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ def crd(
     temperature: float = 0.07,
     momentum: float = 0.5,
     mode: str = "exact",
+    form: str = "auto",
     weight: float = 0.8,
     ce_weight: float = 1.0,
 ) -> Graph:
@@ -47,6 +50,7 @@ def crd(
                 "temperature": temperature,
                 "momentum": momentum,
                 "mode": mode,
+                "form": form,
                 "weight": weight,
             }
         ],

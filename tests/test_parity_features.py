@@ -63,3 +63,12 @@ def test_ofd_teacher_in_eval_mode_would_differ(tmp_path: Path) -> None:
     flow = build_flow("ofd", pair, tmp_path, ["method.teacher_batch_norm=running"], batch=batch)
     loss, _, _ = loss_and_grad_norm(flow, batch)
     assert rel(loss, read_fixture("ofd")["values"][pair]["main"]["loss"]) > 1e-3
+
+
+def test_fsp_across_families_is_refused_at_build(tmp_path: Path) -> None:
+    """As the reference's FSP raises for unequal channels, the build names the transfer and the channel counts."""
+    from kdflow.flow import RecipeError
+
+    with pytest.raises(RecipeError, match=r"^transfers\.0: criterion 'fsp' cannot compare these taps: fsp needs equal "
+                                          r"channel counts at every layer: student \[.*\], teacher \[64, 128, 256, 512, 512\]$"):
+        build_flow("fsp", "vgg13-MobileNetV2", tmp_path, batch=fixed_batch(8))

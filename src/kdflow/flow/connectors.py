@@ -17,20 +17,26 @@ from kdflow.flow.errors import RecipeError
 
 
 class Regressor(nn.Module):
-    """Conv (with bias, chosen by the spatial sizes) → BN → ReLU (optional); maps C_s×H_s×W_s to C_t×H_t×W_t."""
+    """Conv (with bias, chosen by the spatial sizes) → BN → ReLU (optional); maps C_s×H_s×W_s to C_t×H_t×W_t
+    (or C_s×L_s to C_t×L_t with 1-d convolutions)."""
 
     def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...], relu: bool = True) -> None:
         super().__init__()
-        (c_s, h_s, w_s), (c_t, h_t, w_t) = in_shape, out_shape
+        if len(in_shape) != len(out_shape) or len(in_shape) not in (2, 3):
+            raise ValueError(f"a regressor maps C×H×W or C×L feature maps, got {in_shape} -> {out_shape}")
+        two_d = len(in_shape) == 3
+        conv, deconv = (nn.Conv2d, nn.ConvTranspose2d) if two_d else (nn.Conv1d, nn.ConvTranspose1d)
+        (c_s, *size_s), (c_t, *size_t) = in_shape, out_shape
+        h_s, h_t = size_s[0], size_t[0]
         if h_s == 2 * h_t:
-            self.conv: nn.Module = nn.Conv2d(c_s, c_t, kernel_size=3, stride=2, padding=1)
+            self.conv: nn.Module = conv(c_s, c_t, kernel_size=3, stride=2, padding=1)
         elif 2 * h_s == h_t:
-            self.conv = nn.ConvTranspose2d(c_s, c_t, kernel_size=4, stride=2, padding=1)
-        elif h_s >= h_t and w_s >= w_t:
-            self.conv = nn.Conv2d(c_s, c_t, kernel_size=(1 + h_s - h_t, 1 + w_s - w_t))
+            self.conv = deconv(c_s, c_t, kernel_size=4, stride=2, padding=1)
+        elif all(a >= b for a, b in zip(size_s, size_t)):
+            self.conv = conv(c_s, c_t, kernel_size=tuple(1 + a - b for a, b in zip(size_s, size_t)))
         else:
-            raise ValueError(f"no regressor from spatial size {h_s}×{w_s} to {h_t}×{w_t}")
-        self.bn = nn.BatchNorm2d(c_t)
+            raise ValueError(f"no regressor from spatial size {size_s} to {size_t}")
+        self.bn = nn.BatchNorm2d(c_t) if two_d else nn.BatchNorm1d(c_t)
         self.relu = relu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -54,8 +60,6 @@ def build_connector(kind: str, in_shape: tuple[int, ...], out_shape: tuple[int, 
         k = 1 if kind == "conv1x1" else 3
         return nn.Sequential(conv(in_shape[0], out_shape[0], k, padding=k // 2, bias=False), bn(out_shape[0]))
     if kind == "regressor":
-        if len(in_shape) != 3 or len(out_shape) != 3:
-            raise RecipeError(f"{where}: connector 'regressor' maps C×H×W feature maps, got {in_shape} -> {out_shape}")
         try:
             return Regressor(in_shape, out_shape)
         except ValueError as e:

@@ -151,6 +151,9 @@ def fsp(student_layers: Sequence[torch.Tensor], teacher_layers: Sequence[torch.T
     """
     if len(student_layers) != len(teacher_layers) or len(student_layers) < 2:
         raise ValueError(f"fsp needs two equally long lists of at least two layers, got {len(student_layers)} and {len(teacher_layers)}")
+    c_s, c_t = [f.shape[1] for f in student_layers], [f.shape[1] for f in teacher_layers]
+    if c_s != c_t:
+        raise ValueError(f"fsp needs equal channel counts at every layer: student {c_s}, teacher {c_t}")
     total: torch.Tensor | None = None
     for k in range(len(student_layers) - 1):
         g_s = fsp_matrix(student_layers[k], student_layers[k + 1])

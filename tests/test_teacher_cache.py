@@ -68,8 +68,8 @@ def test_teacher_does_not_run_with_the_cache(kd_raw: dict, tmp_path: Path, monke
     calls = {"teacher": 0}
     real = Flow.run_nodes
 
-    def spy(self, x, stage, cached=None):
-        values = real(self, x, stage, cached)
+    def spy(self, x, stage, cached=None, only=None):
+        values = real(self, x, stage, cached, only)
         calls["teacher"] += "teacher.logits" not in (cached or {})
         return values
 

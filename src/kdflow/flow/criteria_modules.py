@@ -64,21 +64,34 @@ def crd(
 
 
 class _CC(nn.Module):
-    def __init__(self, student_dim: int, teacher_dim: int, embed_dim: int, gamma: float, order: int) -> None:
+    def __init__(self, student_dim: int, teacher_dim: int, embed_dim: int, form: str, gamma: float, order: int) -> None:
         super().__init__()
         self.embed_s = nn.Linear(student_dim, embed_dim)
         self.embed_t = nn.Linear(teacher_dim, embed_dim)
-        self.gamma, self.order = gamma, order
+        self.form, self.gamma, self.order = form, gamma, order
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return losses.cc(self.embed_s(student.flatten(1)), self.embed_t(teacher.flatten(1)), self.gamma, self.order)
+        e_s, e_t = self.embed_s(student.flatten(1)), self.embed_t(teacher.flatten(1))
+        if self.form == "rbf":
+            return losses.cc(e_s, e_t, self.gamma, self.order)
+        return losses.cc_benchmark(e_s, e_t)
 
 
 def cc(
-    target_shape: tuple[int, ...], source_shape: tuple[int, ...], build: BuildInfo, embed_dim: int = 128, gamma: float = 0.4, order: int = 2
+    target_shape: tuple[int, ...],
+    source_shape: tuple[int, ...],
+    build: BuildInfo,
+    embed_dim: int = 128,
+    form: str = "benchmark",
+    gamma: float = 0.4,
+    order: int = 2,
 ) -> nn.Module:
-    """CC (Peng et al. 2019): correlation congruence of linear 128-d embeddings of both sides (both trained)."""
-    return _CC(_flat_dim(target_shape), _flat_dim(source_shape), embed_dim, gamma, order)
+    """CC (Peng et al. 2019) on linear `embed_dim`-d embeddings of both sides (both trained): `form`
+    ``benchmark`` is `losses.cc_benchmark` (the CIFAR-100 benchmark's loss), ``rbf`` the paper's
+    Taylor-expanded RBF correlation congruence `losses.cc` (`gamma`, `order`)."""
+    if form not in ("benchmark", "rbf"):
+        raise ValueError(f"form must be 'benchmark' or 'rbf', not {form!r}")
+    return _CC(_flat_dim(target_shape), _flat_dim(source_shape), embed_dim, form, gamma, order)
 
 
 register_criterion("vid", vid, module=True, same_shape=False)

@@ -33,7 +33,7 @@ from kdflow.losses.logits import (
     tfkd_reg_released,
     virtual_teacher_logits,
 )
-from kdflow.losses.relations import cc, pkt, rkd, rkd_angle, rkd_distance, sp
+from kdflow.losses.relations import cc, cc_benchmark, pkt, rkd, rkd_angle, rkd_distance, sp
 
 __all__ = [
     "ABF",
@@ -48,6 +48,7 @@ __all__ = [
     "at",
     "attention_map",
     "cc",
+    "cc_benchmark",
     "dist",
     "dkd",
     "factor_map",

@@ -91,7 +91,7 @@ def attention_map(feature: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     all-zero map stays zero with a finite gradient).
     """
     _check_4d(feature)
-    a = feature.float().abs().pow(p).mean(dim=1).flatten(1)
+    a = compute_dtype(feature).abs().pow(p).mean(dim=1).flatten(1)
     return F.normalize(a, p=2, dim=1)
 
 
@@ -113,7 +113,7 @@ def at(student_feature: torch.Tensor, teacher_feature: torch.Tensor, p: float = 
     the attention map is computed (as in the benchmark code).
     """
     _check_batches(student_feature, teacher_feature)
-    fs, ft = match_spatial(student_feature.float(), teacher_feature.float())
+    fs, ft = match_spatial(compute_dtype(student_feature), compute_dtype(teacher_feature))
     return (attention_map(fs, p) - attention_map(ft, p)).pow(2).mean()
 
 
@@ -184,7 +184,7 @@ def nst(student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.T
     not, the larger map is adaptive-average-pooled to the smaller size first [check].
     """
     _check_batches(student_feature, teacher_feature)
-    fs, ft = match_spatial(student_feature.float(), teacher_feature.float())
+    fs, ft = match_spatial(compute_dtype(student_feature), compute_dtype(teacher_feature))
     s = F.normalize(fs.flatten(2), p=2, dim=2)
     t = F.normalize(ft.flatten(2), p=2, dim=2)
 

@@ -2,7 +2,7 @@
 
 Every function here compares a student and a teacher *batch* (B samples each) through
 B×B (or B×B×B) relation matrices, so the two may have different feature sizes; only the
-batch sizes must agree. All computations are in fp32.
+batch sizes must agree. Each computes in its input's dtype (half precisions in float32).
 """
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from kdflow.losses.precision import compute_dtype
 
 #: Floor for squared norms / distances before a square root: keeps the gradient of the
 #: square root finite (1 / (2·1e-6)) where two vectors coincide or one is zero.
@@ -22,7 +24,7 @@ def _check_batches(student: torch.Tensor, teacher: torch.Tensor) -> None:
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
-    return x.float().reshape(x.shape[0], -1)
+    return compute_dtype(x).reshape(x.shape[0], -1)
 
 
 def _safe_norm(x: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor:
@@ -230,3 +232,24 @@ def cc(
     k_s = _rbf_taylor_correlation(_flat(student_embedding), gamma, order)
     k_t = _rbf_taylor_correlation(_flat(teacher_embedding), gamma, order)
     return ((k_s - k_t) ** 2).mean()
+
+
+def cc_benchmark(student_embedding: torch.Tensor, teacher_embedding: torch.Tensor) -> torch.Tensor:
+    """The correlation-congruence loss of the CIFAR-100 benchmark (RepDistiller's ``Correlation``,
+    which its code says came from the authors of Peng et al. 2019, "Correlation Congruence for
+    Knowledge Distillation", ICCV).
+
+    With δ_i = |e_s,i − e_t,i| (element-wise, the i-th sample's embeddings):
+    loss = 1/(B − 1) Σ_{i=1}^{B−1} ⟨δ_i, δ_{i+1}⟩, the inner products of neighbouring samples'
+    absolute differences in batch order. It is not the paper's kernel form (``cc``); the
+    benchmark's weight β = 0.02 is for this one. The embeddings must have the same size
+    (both sides go through 128-d linear embeddings first). B ≥ 2. No temperature.
+    """
+    _check_batches(student_embedding, teacher_embedding)
+    e_s, e_t = _flat(student_embedding), _flat(teacher_embedding)
+    if e_s.shape != e_t.shape:
+        raise ValueError(f"cc_benchmark compares embeddings of one size, got {tuple(e_s.shape)} and {tuple(e_t.shape)}")
+    if e_s.shape[0] < 2:
+        raise ValueError("cc_benchmark needs a batch of at least 2")
+    delta = (e_s - e_t).abs()
+    return (delta[:-1] * delta[1:]).sum(dim=1).mean()

@@ -3,13 +3,15 @@ Performance of Convolutional Neural Networks via Attention Transfer" (ICLR).
 
 Student loss γ·CE + Σ_k β·mean((A_s,k − A_t,k)²) over the stage pairs k, with the attention
 map A = normalize(flatten(mean_c |F_c|^p)) (`kdflow.losses.at`; the larger map is pooled to
-the smaller size). Defaults (../shared/methods.md): p=2, β=1000 for every stage pair (the
-per-stage terms are summed with equal weights, as in the benchmark), γ=1, and "all stages
-but the last": stage1 and stage2, which is that on the 3-stage CIFAR zoo and every stage of
-the 2-stage `convnet_s`. The benchmark code also transfers at the last stage: pass
-`stages: [stage1, stage2, stage3]` for that.
+the smaller size). Defaults: p=2, β=1000 for every stage pair (the per-stage terms summed
+with equal weights), γ=1, and every stage (``all_stages``: one transfer per stage, the two
+models' stages paired in order, from the deepest where their counts differ), which is the benchmark's choice on the CIFAR zoo
+(RepDistiller's ``feat[1:-1]``, ``-b 1000``). Other pairings are listed, e.g.
+``stages: [stage1, stage2]``.
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from kdflow.methods.registry import Graph, register_method
 
@@ -23,7 +25,7 @@ from kdflow.methods.registry import Graph, register_method
 def at(
     teacher: str = "teacher",
     student: str = "student",
-    stages: list[str] = ("stage1", "stage2"),
+    stages: Sequence[str] = ("all_stages",),
     p: float = 2.0,
     weight: float = 1000.0,
     ce_weight: float = 1.0,

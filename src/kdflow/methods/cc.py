@@ -1,11 +1,16 @@
 """`cc`: Peng, Jin, Liu, Li, Wu, Liu, Zhou and Zhang 2019, "Correlation Congruence for
 Knowledge Distillation" (ICCV).
 
-Student loss γ·CE + β·‖ψ(E_s) − ψ(E_t)‖²_F / B², ψ the Gaussian-RBF correlation matrix (its
-2nd-order Taylor expansion, γ_rbf=0.4) of L2-normalised 128-d linear embeddings of the pooled
-features of each side (`kdflow.losses.cc`; both linear embeddings are trainable helpers of
-the student, the `cc` criterion module). Defaults (../shared/methods.md): β=0.02, γ=1,
-128-d embedding, the penultimate embedding as input.
+Student loss γ·CE + β·L_CC(W_s·e_s, W_t·e_t): both sides' penultimate embeddings (the input
+of the last linear layer, the benchmark's ``feat[-1]``) through linear 128-d embeddings W_s,
+W_t (trainable helpers of the student: the `cc` criterion module, trained with it).
+
+``form: benchmark`` (the default) is the CIFAR-100 benchmark's loss, `kdflow.losses.cc_benchmark`
+(RepDistiller's ``Correlation``: inner products of neighbouring samples' absolute
+student−teacher differences), whose weight β=0.02 the defaults take (``-b 0.02``).
+``form: rbf`` is the paper's ‖ψ(E_s) − ψ(E_t)‖²_F / B², ψ the Gaussian-RBF correlation matrix
+of the L2-normalised embeddings in its 2nd-order Taylor expansion (γ_rbf=0.4,
+`kdflow.losses.cc`); β=0.02 was not tuned for it.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ def cc(
     teacher_tap: str = "embedding",
     student_tap: str = "embedding",
     embed_dim: int = 128,
+    form: str = "benchmark",
     gamma: float = 0.4,
     order: int = 2,
     weight: float = 0.02,
@@ -37,6 +43,7 @@ def cc(
                 "to": f"{student}.{student_tap}",
                 "criterion": "cc",
                 "embed_dim": embed_dim,
+                "form": form,
                 "gamma": gamma,
                 "order": order,
                 "weight": weight,

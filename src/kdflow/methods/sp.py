@@ -1,10 +1,9 @@
 """`sp`: Tung and Mori 2019, "Similarity-Preserving Knowledge Distillation" (ICCV).
 
 Student loss γ·CE + β·‖G̃_s − G̃_t‖²_F / B², G̃ the row-L2-normalised B×B Gram matrix of the
-flattened feature maps (`kdflow.losses.sp`). Defaults (../shared/methods.md): β=3000, γ=1,
-the last feature map. The default tap `stage2` on both sides is the last stage of the
-2-stage `convnet_s` student and the teacher's stage of the same resolution; on the 3-stage
-CIFAR zoo pass `teacher_tap: stage3, student_tap: stage3` (the benchmark's last stage).
+flattened feature maps (`kdflow.losses.sp`). Defaults: β=3000, γ=1, and each model's last
+stage (``last_stage``), the benchmark's choice on the CIFAR zoo (RepDistiller's ``feat[-2]``,
+``-b 3000``). The two maps may differ in shape: only the batch sizes must agree.
 """
 from __future__ import annotations
 
@@ -19,8 +18,8 @@ from kdflow.methods.registry import Graph, register_method
 def sp(
     teacher: str = "teacher",
     student: str = "student",
-    teacher_tap: str = "stage2",
-    student_tap: str = "stage2",
+    teacher_tap: str = "last_stage",
+    student_tap: str = "last_stage",
     weight: float = 3000.0,
     ce_weight: float = 1.0,
 ) -> Graph:

@@ -248,6 +248,9 @@ class TrainSpec(Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast for the forward passes; losses stay fp32
     views: int | None = Field(None, ge=1)  # fixed augmented views per sample (replayable); None: fresh every epoch
     teacher_cache: TeacherCacheSpec = TeacherCacheSpec()  # needs views; views default to the stage's epochs
+    # multi-process runs: training nodes' and their helpers' batch norms use the global batch's statistics
+    # (engine/sync_bn.py); off: each rank normalises by its shard's. No effect in one process.
+    sync_bn: bool = False
 
 
 class AugmentSpec(Strict):

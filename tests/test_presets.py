@@ -57,3 +57,26 @@ def test_bad_presets_are_one_line_errors(tmp_path: Path, presets: dict, message:
     pair.write_text(yaml.safe_dump({"presets": presets}))
     with pytest.raises(RecipeError, match=message):
         load_recipe([ROOT / "fashion_mnist/pair.yaml", pair, method_file(tmp_path, {"name": "dkd"})])
+
+
+def _term(recipe, criterion: str):
+    (t,) = [t for t in recipe.transfers if t.criterion == criterion]
+    return t
+
+
+@pytest.mark.parametrize("files, criterion, field, want", [
+    # the shipped method files name no default argument, so the pair's and protocol's presets reach them
+    (["cifar100/protocol.yaml", "cifar100/pairs/resnet56-resnet20.yaml", "methods/dkd.yaml"], "dkd", "beta", 2),
+    (["cifar100/protocol.yaml", "cifar100/pairs/wrn_40_2-ShuffleV1.yaml", "methods/dkd.yaml"], "dkd", "beta", 8),
+    (["cifar100/protocol.yaml", "cifar100/pairs/resnet32x4-ShuffleV2.yaml", "methods/reviewkd.yaml"], "reviewkd", "weight", 8.0),
+    (["cifar100/protocol.yaml", "cifar100/pairs/resnet56-resnet20.yaml", "methods/reviewkd.yaml"], "reviewkd", "weight", 0.6),
+    (["cifar100/protocol.yaml", "cifar100/pairs/resnet32x4-resnet8x4.yaml", "methods/reviewkd.yaml"], "reviewkd", "weight", 5.0),
+    (["imagenet/protocol.yaml", "imagenet/pairs/resnet34-resnet18.yaml", "methods/kd.yaml"], "kl", "temperature", 1.0),
+    (["imagenet/protocol.yaml", "imagenet/pairs/resnet34-resnet18.yaml", "methods/dkd.yaml"], "dkd", "beta", 0.5),
+    (["cifar100/protocol.yaml", "cifar100/pairs/resnet32x4-resnet8x4.yaml", "methods/dkd+fitnet.yaml"], "dkd", "beta", 8),
+    (["cifar100/protocol.yaml", "cifar100/pairs/vgg13-MobileNetV2.yaml", "methods/dkd+fitnet.yaml"], "dkd", "beta", 6),
+])
+def test_shipped_method_files_take_the_presets(files: list[str], criterion: str, field: str, want: float) -> None:
+    t = _term(load_recipe([ROOT / f for f in files]), criterion)
+    got = t.weight if field == "weight" else t.params[field]
+    assert float(getattr(got, "value", got)) == want

@@ -39,7 +39,7 @@ def models(teacher: str, student: str) -> dict:
 
 
 def expand(teacher: str, student: str, transfers: list[dict]) -> list[tuple]:
-    out, origin = expand_stage_taps(recipe(teacher, student, transfers), models(teacher, student))
+    out, origin, _ = expand_stage_taps(recipe(teacher, student, transfers), models(teacher, student))
     return [(t.sources, t.targets, o) for t, o in zip(out.transfers, origin)]
 
 
@@ -73,9 +73,20 @@ def test_all_stages_in_a_group_is_the_list() -> None:
                     ["student.stage1_pre", "student.stage2_pre", "student.stage3_pre", "student.embedding"], 0)]
 
 
+def test_unequal_stage_counts_pair_from_the_deepest_and_say_so() -> None:
+    r = recipe("resnet32x4", "MobileNetV2", [{"from": "teacher.all_stages", "to": "student.all_stages_pre", "criterion": "at"}])
+    out, origin, notes = expand_stage_taps(r, models("resnet32x4", "MobileNetV2"))
+    # 3 teacher stages, 4 student stages: the student's first is left out
+    assert [(t.sources, t.targets) for t in out.transfers] == [
+        ([f"teacher.stage{k}"], [f"student.stage{k + 1}_pre"]) for k in (1, 2, 3)
+    ]
+    assert origin == [0, 0, 0]
+    assert len(notes) == 1 and "transfers.0 (at)" in notes[0] and "leaving out student.stage1_pre" in notes[0]
+    same = recipe("resnet32x4", "resnet8x4", [{"from": "teacher.all_stages", "to": "student.all_stages", "criterion": "at"}])
+    assert expand_stage_taps(same, models("resnet32x4", "resnet8x4"))[2] == []
+
+
 @pytest.mark.parametrize("transfer, message", [
-    ({"from": "teacher.all_stages", "to": "student.all_stages", "criterion": "at"},
-     r"transfers\.0: all_stages pairs stages in order, but teacher has 3 and student has 4"),
     ({"from": "teacher.all_stages", "to": "student.stage1", "criterion": "at"},
      r"transfers\.0: all_stages must be on both sides"),
     ({"from": "teacher.stage[3]", "to": "student.stage1", "criterion": "at"},
@@ -100,7 +111,8 @@ def test_flow_runs_the_expanded_transfers_and_reports_the_recipe_index() -> None
     ]
     assert flow.where(2) == "transfers.0 (stage3)"
     raw["nodes"]["student"] = {"arch": "mlp", "args": {"hidden": [16]}}
-    with pytest.raises(RecipeError, match=r"transfers\.0: all_stages pairs .* teacher has 3 and student has 1"):
+    # the MLP's one stage (its hidden layer) pairs with the teacher's deepest; AT names what it cannot compare
+    with pytest.raises(RecipeError, match=r"transfers\.0: criterion 'at' cannot compare these taps: expected a B×C×H×W"):
         Flow(resolve(raw), 100, (3, 32, 32), torch.randn(2, 3, 32, 32))
 
 

@@ -30,7 +30,7 @@ from kdflow.data.base import DatasetError
 from kdflow.data.corrupt import NOISE, imbalance_indices
 from kdflow.data.loader import batches, load_inputs, num_batches, seeded_generator, select, subset, to_device
 from kdflow.data.views import ViewTable, apply_views, make_view_table, view_of
-from kdflow.engine.distributed import DistInfo, all_reduce_sum, average_gradients, init_distributed
+from kdflow.engine.distributed import DistInfo, all_reduce_sum, average_gradients, init_distributed, sync_buffers
 from kdflow.engine.evaluate import evaluate, evaluate_ensemble, topk_correct
 from kdflow.engine.report import summarize, summary_table
 from kdflow.engine.rundir import (
@@ -40,6 +40,7 @@ from kdflow.engine.rundir import (
     write_text_atomic,
 )
 from kdflow.engine.schedule import lr_factor
+from kdflow.engine.sync_bn import convert_batch_norms
 from kdflow.engine.teacher_cache import TeacherCache, state_hash
 from kdflow.flow.errors import RecipeError
 from kdflow.flow.graph import Flow, FlowOutput
@@ -207,6 +208,7 @@ def train_epoch(
     term_sums: dict[str, torch.Tensor] = {}
     seen = 0
     helper_params = [p for n in stage.train for h in flow.helpers_of(n) for p in h.parameters()]
+    synced = [flow.models[n] for n in stage.train] + [h for n in stage.train for h in flow.helpers_of(n)]
     bar = Progress(steps, f"{stage.name} {epoch + 1}/{stage.epochs}", progress)
     start = time.perf_counter()
     last_update = 0
@@ -221,6 +223,7 @@ def train_epoch(
             x = apply_views(xb, idx, view, views, train_set.mean, train_set.std)
         else:
             x = augment_batch(xb, train_set.mean, train_set.std, crop_padding=aug.crop_padding, flip=aug.flip, generator=aug_gen)
+        global_n, global_idx = yb.shape[0], idx
         if dist_info.enabled:
             part = dist_info.shard(yb.shape[0])
             x, yb, idx = x[part], yb[part], idx[part]
@@ -228,18 +231,25 @@ def train_epoch(
         if recipe.train.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         cached = {f"{n}.logits": c.lookup(idx, view, device) for n, c in (caches or {}).items()}
+        share = yb.shape[0] * dist_info.world / global_n if dist_info.enabled else 1.0
         if stage.updates == "alternating":  # one node after another, each from a fresh forward (DML)
             after = (lambda: average_gradients(helper_params, dist_info.world)) if dist_info.enabled else None
-            out = alternating_step(flow, stage, x, yb, epoch, idx, cached, optimizers, scaler, after)
+            out = alternating_step(flow, stage, x, yb, epoch, idx, cached, optimizers, scaler, after, share)
         else:
             out = flow(x, yb, stage, epoch, idx, cached)
             for opt in optimizers.values():
                 opt.zero_grad(set_to_none=True)
-            (scaler.scale(out.total) if scaler else out.total).backward()
+            loss = out.total
+            if share != 1.0:
+                # uneven shards: weighting each rank's mean by its share makes the ranks' average gradient the global mean's
+                loss = loss * share
+            (scaler.scale(loss) if scaler else loss).backward()
             if dist_info.enabled:
                 average_gradients(helper_params, dist_info.world)
             for opt in optimizers.values():
                 scaler.step(opt) if scaler else opt.step()
+        if dist_info.enabled:
+            sync_buffers(synced, global_idx, dist_info)
         if scaler:
             scaler.update()
         n = yb.shape[0]
@@ -413,6 +423,8 @@ def train(
     scaler = torch.amp.GradScaler(device.type) if recipe.train.precision == "fp16" else None
     train_set, test_set = to_device(train_set, device), to_device(test_set, device)
     stages = flow.stages
+    for note in flow.notes:
+        log(note)
     if dist_info.main:
         _write_run_header(out, recipe, device, resume)
         write_data_record(out, data_record)
@@ -443,7 +455,15 @@ def train(
         flow.set_stage_modes(stage)
         if dist_info.enabled:
             ids = [dist_info.local_rank] if device.type == "cuda" else None
-            flow.runners = {n: DistributedDataParallel(flow.models[n], device_ids=ids) for n in stage.train}
+            if recipe.train.sync_bn:
+                if any(t.criterion == "bss" for _, t in recipe.active_transfers(stage)):
+                    raise RecipeError("train.sync_bn: bss runs the student on a per-rank number of adversarial samples "
+                                      "(none on some ranks), which synchronised batch norms cannot wait for; turn sync_bn off")
+                for n in stage.train:
+                    for module in [flow.models[n], *flow.helpers_of(n)]:
+                        convert_batch_norms(module)
+            # buffers are made equal by sync_buffers after every step, not broadcast from rank 0
+            flow.runners = {n: DistributedDataParallel(flow.models[n], device_ids=ids, broadcast_buffers=False) for n in stage.train}
         optimizers = make_optimizers(flow, recipe, stage)
         views, caches = _stage_views_and_caches(flow, recipe, stage, train_set, dist_info, progress, log)
         first = start_epoch if si == stage_index else 0

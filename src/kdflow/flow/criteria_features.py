@@ -66,12 +66,13 @@ def _depth_weights(n: int) -> list[float]:
     return [2.0 ** (k + 1 - n) for k in range(n)]
 
 
-def _as_lists(target_shape, source_shape, what: str) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+def _as_lists(target_shape, source_shape, what: str, signals: bool = False) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+    """The two sides' shape lists; every shape a feature map C×H×W (or, with `signals`, also C×L)."""
     targets = [tuple(s) for s in target_shape]
     sources = [tuple(s) for s in source_shape]
     for shape in [*targets, *sources]:
-        if len(shape) != 3:
-            raise ValueError(f"{what} taps feature maps C×H×W, got {shape}")
+        if len(shape) != 3 and not (signals and len(shape) == 2):
+            raise ValueError(f"{what} taps feature maps C×H×W{' or C×L' if signals else ''}, got {shape}")
     return targets, sources
 
 
@@ -107,7 +108,7 @@ def ab(target_shape: list[tuple[int, ...]], source_shape: list[tuple[int, ...]],
 
     Connector per pair as the CIFAR-100 benchmark builds it: none when channels and height agree,
     else the `regressor` connector without its ReLU (conv with bias + BN)."""
-    targets, sources = _as_lists(target_shape, source_shape, "ab")
+    targets, sources = _as_lists(target_shape, source_shape, "ab", signals=True)
     n = min(len(targets), len(sources))
     return AB(targets[-n:], sources[-n:], margin)
 

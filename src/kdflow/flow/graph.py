@@ -121,7 +121,8 @@ class Flow(nn.Module):
             if recipe.nodes[name].checkpoint:
                 load_node_checkpoint(self.models[name], name, recipe.nodes[name].arch, recipe.nodes[name].checkpoint)
         # stage positions (last_stage, all_stages, stage[i]) become concrete taps now that the models exist
-        recipe, self.transfer_origin = expand_stage_taps(recipe, dict(self.models))
+        # notes: stages all_stages left out where two models' stage counts differ (the engine prints them)
+        recipe, self.transfer_origin, self.notes = expand_stage_taps(recipe, dict(self.models))
         self.recipe = recipe
         taps: dict[str, set[str]] = {name: {"logits"} for name in recipe.nodes}
         for t in recipe.transfers:

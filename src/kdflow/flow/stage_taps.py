@@ -7,8 +7,11 @@ embedding. Positions name entries of that list:
 * ``NODE.stage[i]``: a Python index into the list (``stage[0]`` the first stage, ``stage[-1]`` the last);
 * ``NODE.last_stage``: the same as ``stage[-1]``;
 * ``NODE.all_stages``: every stage. In a transfer's ``from`` and ``to`` the transfer is repeated once
-  per stage, pairing the two nodes' stages in order (their lists must be equally long); inside a
-  ``{group: [...]}`` it stands for the list of all stages;
+  per stage, pairing the two nodes' stages in order. Where one model has more stages than the other
+  the stages are paired from the deepest (teacher stage2, stage3 with student stage1, stage2 for 3
+  and 2 stages, as the grouped criteria AB, OFD and ReviewKD pair their lists), and the stages left
+  out are recorded in ``notes`` (the engine prints them); inside a ``{group: [...]}`` it stands for
+  the list of all stages;
 * a ``_pre`` suffix on any of them (``last_stage_pre``, ``all_stages_pre``) names the pre-activation
   alias of the same stage (``stageK_pre``).
 
@@ -63,7 +66,7 @@ def _resolve(tap: str, models: dict[str, nn.Module]) -> list[str]:
     return [f"{node}.{n}" for n in resolve_position(models[node], node, name)]
 
 
-def _expand(i: int, t: TransferSpec, models: dict[str, nn.Module]) -> list[dict[str, Any]]:
+def _expand(i: int, t: TransferSpec, models: dict[str, nn.Module], notes: list[str]) -> list[dict[str, Any]]:
     data = t.model_dump(by_alias=True, exclude_defaults=True)
     if isinstance(t.source, GroupSpec) or isinstance(t.to, GroupSpec):
         for key, spec in (("from", t.source), ("to", t.to)):
@@ -81,36 +84,39 @@ def _expand(i: int, t: TransferSpec, models: dict[str, nn.Module]) -> list[dict[
         return [{**data, "to": targets[0]}]
     sources, targets = _resolve(t.source, models), _resolve(t.to, models)
     if len(sources) != len(targets):
-        s_node, t_node = t.source.split(".", 1)[0], t.to.split(".", 1)[0]
-        if "all_stages" in t.source and "all_stages" in t.to:
-            raise RecipeError(
-                f"transfers.{i}: all_stages pairs stages in order, but {s_node} has {len(sources)} and {t_node} "
-                f"has {len(targets)}; list the stage pairs explicitly"
-            )
-        raise RecipeError(f"transfers.{i}: all_stages must be on both sides ('from' {t.source}, 'to' {t.to})")
+        if not ("all_stages" in t.source and "all_stages" in t.to):
+            raise RecipeError(f"transfers.{i}: all_stages must be on both sides ('from' {t.source}, 'to' {t.to})")
+        n = min(len(sources), len(targets))
+        left_out = sources[:-n] + targets[:-n]
+        notes.append(
+            f"transfers.{i} ({t.criterion}): {t.source} has {len(sources)} stages and {t.to} {len(targets)}; "
+            f"paired from the deepest, leaving out {', '.join(left_out)} (list the stage pairs to choose others)"
+        )
+        sources, targets = sources[-n:], targets[-n:]
     return [{**data, "from": s, "to": g} for s, g in zip(sources, targets)]
 
 
-def _expand_at(i: int, t: TransferSpec, models: dict[str, nn.Module]) -> list[dict[str, Any]]:
+def _expand_at(i: int, t: TransferSpec, models: dict[str, nn.Module], notes: list[str]) -> list[dict[str, Any]]:
     try:
-        return _expand(i, t, models)
+        return _expand(i, t, models, notes)
     except RecipeError as e:
         msg = str(e)
         raise RecipeError(msg if msg.startswith("transfers.") else f"transfers.{i}: {msg}") from None
 
 
-def expand_stage_taps(recipe: Recipe, models: dict[str, nn.Module]) -> tuple[Recipe, list[int]]:
-    """The recipe with every stage position replaced by concrete taps, and for each resulting transfer
-    the index of the recipe transfer it came from (for error messages)."""
+def expand_stage_taps(recipe: Recipe, models: dict[str, nn.Module]) -> tuple[Recipe, list[int], list[str]]:
+    """The recipe with every stage position replaced by concrete taps; for each resulting transfer the
+    index of the recipe transfer it came from (for error messages); and notes on stages left out."""
+    notes: list[str] = []
     if not any(is_position(tap.split(".", 1)[1]) for t in recipe.transfers for tap in [*t.sources, *t.targets]):
-        return recipe, list(range(len(recipe.transfers)))
+        return recipe, list(range(len(recipe.transfers))), notes
     transfers, origin = [], []
     for i, t in enumerate(recipe.transfers):
         if not any(is_position(tap.split(".", 1)[1]) for tap in [*t.sources, *t.targets]):
             transfers.append(t)
             origin.append(i)
             continue
-        for data in _expand_at(i, t, models):
+        for data in _expand_at(i, t, models, notes):
             transfers.append(TransferSpec.model_validate(data))
             origin.append(i)
-    return recipe.model_copy(update={"transfers": transfers}), origin
+    return recipe.model_copy(update={"transfers": transfers}), origin, notes

@@ -271,7 +271,7 @@ def annealing_kd(
     if not 1 <= temperature_index <= max_temperature:
         raise ValueError(f"temperature_index must be in 1..{max_temperature}, got {temperature_index}")
     scale = temperature_index / max_temperature
-    return F.mse_loss(student_logits.float(), scale * teacher_logits.float())
+    return F.mse_loss(compute_dtype(student_logits), scale * compute_dtype(teacher_logits))
 
 
 # ---------------------------------------------------------------------------------------
@@ -286,7 +286,7 @@ def label_smoothing(student_logits: torch.Tensor, target: torch.Tensor, epsilon:
     CE(z, q) = −Σ_c q_c log softmax(z)_c with q = (1 − ε)·onehot(y) + ε/C (the uniform
     part includes the true class). No temperature. Reduction: mean over the batch.
     """
-    log_p = F.log_softmax(student_logits.float(), dim=1)
+    log_p = F.log_softmax(compute_dtype(student_logits), dim=1)
     nll = -log_p.gather(1, target.long().unsqueeze(1)).squeeze(1)
     uniform = -log_p.mean(dim=1)
     return ((1.0 - epsilon) * nll + epsilon * uniform).mean()

@@ -10,9 +10,11 @@ import torch
 
 from conftest import SYNTH
 from kdflow.checkpoint import load_safe, read_model_file, save_atomic
+from kdflow.data.loader import stratified_split
 from kdflow.engine import EpochEnd, train
 from kdflow.engine.rundir import read_jsonl
 from kdflow.engine.schedule import lr_factor
+from kdflow.engine.train import load_data
 from kdflow.flow import RecipeError, load_recipe, resolve
 from kdflow.flow.spec import ScheduleSpec
 
@@ -108,8 +110,9 @@ def test_frozen_teacher_never_changes(kd_raw: dict, teacher_ckpt: Path, tmp_path
 def test_run_directory_contents(kd_raw: dict, tmp_path: Path) -> None:
     run = tmp_path / "run"
     summary = train(resolve(kd_raw), run, **QUIET)
-    for name in ["recipe.yaml", "environment.json", "metrics.jsonl", "last.pt", "best-student.pt", "nodes/student.pt", "summary.md"]:
+    for name in ["recipe.yaml", "environment.json", "metrics.jsonl", "last.pt", "nodes/student.pt", "summary.md"]:
         assert (run / name).exists(), name
+    assert not (run / "best-student.pt").exists()  # no validation split: nothing is chosen as best
     assert not list(run.glob(".*.tmp"))
     assert load_recipe(run / "recipe.yaml") == resolve(kd_raw)  # the resolved recipe reproduces the run
     env = json.loads((run / "environment.json").read_text())
@@ -117,9 +120,9 @@ def test_run_directory_contents(kd_raw: dict, tmp_path: Path) -> None:
     rows = read_jsonl(run / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2]
     assert set(rows[0]["terms"]) == {"ce(student)", "kl(teacher.logits -> student.logits)"}
-    assert summary[0]["node"] == "student" and summary[0]["best_top1"] == max(r["test_top1"] for r in rows)
-    best = read_model_file(run / "best-student.pt")
-    assert best["test_top1"] == summary[0]["best_top1"] and best["arch"] == "mlp"
+    assert summary[0]["node"] == "student" and summary[0]["selected_top1"] is None
+    assert summary[0]["test_best_top1"] == max(r["test_top1"] for r in rows) and summary[0]["last_top1"] == rows[-1]["test_top1"]
+    assert "test-best top-1 (legacy)" in (run / "summary.md").read_text()
     with pytest.raises(RecipeError, match="holds a run already; pass --resume"):
         train(resolve(kd_raw), run, **QUIET)
     with pytest.raises(RecipeError, match="holds no last.pt"):
@@ -168,3 +171,41 @@ def test_multistep_decays_at_the_epoch_boundary(kd_raw: dict, tmp_path: Path, mo
     assert lrs[2 * per_epoch] == lrs[-1] == pytest.approx(0.001)
     cos = ScheduleSpec(kind="cosine")
     assert [lr_factor(cos, e, 4) for e in [0, 1, 2, 4]] == pytest.approx([1.0, 0.5 + 0.5 * 2**-0.5, 0.5, 0.0])
+
+
+def test_best_is_chosen_on_a_stratified_validation_split(kd_raw: dict, tmp_path: Path) -> None:
+    raw = copy.deepcopy(kd_raw)
+    raw["train"]["epochs"] = 3
+    raw["data"]["noise"] = {"kind": "symmetric", "rate": 0.5, "seed": 1}
+    raw["data"]["validation"] = 0.25
+    run = tmp_path / "run"
+    summary = train(resolve(raw), run, **QUIET)
+    train_set, val, test, record = load_data(resolve(raw))
+    full = load_data(resolve({**raw, "data": {k: v for k, v in raw["data"].items() if k != "validation"}}))[0]
+    assert len(val) == round(0.25 * len(full)) and len(train_set) + len(val) == len(full)
+    # stratified by the clean labels: every class keeps its share within one sample
+    full_counts = torch.bincount(load_data(resolve({**raw, "data": {**raw["data"], "noise": None, "validation": None}}))[0].y, minlength=4)
+    val_counts = torch.tensor(record["validation"]["class_counts"])
+    assert ((val_counts.double() - 0.25 * full_counts.double()).abs() <= 1).all()
+    assert len(record["clean_labels"]) == len(record["noise_mask"]) == len(train_set)  # the samples left for training
+    assert 0 < record["validation"]["noisy_labels"] < len(val)  # corrupted like the training split
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert all("val_top1" in r for r in rows)
+    chosen = max(range(len(rows)), key=lambda i: (rows[i]["val_top1"], -i))  # first epoch of the best validation top-1
+    assert summary[0]["selected_epoch"] == rows[chosen]["epoch"] and summary[0]["selected_top1"] == rows[chosen]["test_top1"]
+    best = read_model_file(run / "best-student.pt")
+    assert best["epoch"] == rows[chosen]["epoch"] and best["val_top1"] == rows[chosen]["val_top1"]
+    data = json.loads((run / "data.json").read_text())
+    assert data["validation"]["samples"] == len(val)
+
+
+def test_stratified_split_holds_out_by_class_and_seed() -> None:
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
+    keep, held = stratified_split(labels, 0.1, 3, seed=0)
+    assert torch.bincount(labels[held], minlength=3).tolist() == [5, 3, 2]
+    assert sorted(torch.cat([keep, held]).tolist()) == list(range(100))
+    assert not torch.equal(held, stratified_split(labels, 0.1, 3, seed=1)[1])
+    assert torch.equal(held, stratified_split(labels, 0.1, 3, seed=0)[1])
+    assert torch.bincount(labels[stratified_split(labels, 7, 3, seed=0)[1]], minlength=3).tolist() == [4, 2, 1]
+    with pytest.raises(ValueError, match="leaves 0 of 100"):
+        stratified_split(labels, 100, 3, seed=0)

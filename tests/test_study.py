@@ -16,7 +16,7 @@ from kdflow.flow import RecipeError, resolve
 from kdflow.study.grid import expand, parse_shard, shard
 from kdflow.study.locks import file_lock
 from kdflow.study.report import markdown_table, write_report
-from kdflow.study.runner import run_study
+from kdflow.study.runner import run_study, threads_per_worker
 from kdflow.study.slurm import slurm_script
 from kdflow.study.spec import parse_study
 from kdflow.study.store import RUN_COLUMNS, Store
@@ -58,6 +58,7 @@ def one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
 def write_study(tmp_path: Path, raw: dict | None = None, **train) -> Path:
     raw = copy.deepcopy(raw or STUDY)
     raw["datasets"][0]["train"].update(train)
+    raw["datasets"][0]["data"].setdefault("validation", 8)  # `best` chosen on 8 held-out training samples
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -111,7 +112,9 @@ def test_grid_expansion_is_deterministic_and_hashes_are_stable(tmp_path: Path) -
         0,
     )
     assert [r.labels["method"] for r in grid.runs[:5]] == ["ce", "kd", "dkd", "kd", "dkd"]
-    assert first.hash == "fcd2a1250070"  # pinned: the hash of a configuration must not drift between versions
+    # pinned: the hash of a configuration must not drift between versions (it changed once, on purpose, when
+    # each run began to carry its thread count: train.threads is part of what a run computes)
+    assert first.hash == "a095f1d1a7bc"
     for run in grid.runs:
         resolve(run.recipe)  # every run is a plain, valid recipe
         teacher = grid.teacher_of(run)
@@ -269,7 +272,7 @@ def test_store_row_has_every_field(tmp_path: Path) -> None:
     assert kd["status"] == "done" and kd["attempts"] == 1 and kd["epochs"] == 2
     assert len(kd["per_class_top1"]) == 4 and 0 <= kd["agreement"] <= 1 and 0 <= kd["ece"] <= 1
     assert kd["student_params"] < kd["teacher_params"] and kd["wall_time_s"] > 0
-    assert abs(kd["realised_noise"] - 0.25) < 0.02 and sum(kd["train_class_counts"]) == 64
+    assert abs(kd["realised_noise"] - 0.25) < 0.02 and sum(kd["train_class_counts"]) == 64 - 8  # 8 held out for validation
     assert (out / kd["run_dir"] / "summary.json").exists()
     ce = next(r for r in rows if r["method"] == "ce")
     assert (
@@ -304,6 +307,24 @@ def test_worker_processes_run_the_study(tmp_path: Path) -> None:
     assert counts == {"done": 4, "failed": 0}
     assert sum(line.startswith("[") for line in lines) == 4 + 2  # a progress line per run and teacher
     assert {r["status"] for r in Store(out / "results.sqlite").rows()} == {"done"}
+
+
+def test_rows_do_not_depend_on_the_number_of_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inline (--workers 1: the process's threads, all cores) and 2 worker processes (1 thread each) give the
+    same numbers: every run fixes its own thread count (train.threads, the study's `threads`)."""
+    monkeypatch.setattr("kdflow.study.runner.threads_per_worker", threads_per_worker)  # the real split
+    monkeypatch.setattr("kdflow.study.runner.cpu_cores", lambda: 2)
+    raw = copy.deepcopy(STUDY)
+    raw["pairs"][0]["student"] = {"arch": "convnet_s", "args": {"width": 8}}
+    raw["blocks"] = [{"name": "small", "pairs": ["M-S"], "methods": ["ce", "kd"], "conditions": ["clean"]}]
+    path = write_study(tmp_path, raw, epochs=2)
+    keys = ("selected_top1", "last_top1", "test_best_top1", "ece")
+    results = []
+    for workers in (1, 2):
+        run_study(path, tmp_path / f"w{workers}", workers=workers, **QUIET)
+        rows = Store(tmp_path / f"w{workers}" / "results.sqlite").rows()
+        results.append({r["hash"]: tuple(r[k] for k in keys) for r in rows})
+    assert results[0] == results[1] and len(results[0]) == 6
 
 
 def test_student_lock_is_not_shared(tmp_path: Path) -> None:
@@ -376,7 +397,7 @@ def _row(
         "teacher_key": teacher if (pair or role == "teacher") else None,
         "student_key": None if role == "teacher" else "s",
         "status": "done",
-        "best_top1": best,
+        "selected_top1": best,
         "last_top1": best - 1,
     }
 
@@ -395,7 +416,7 @@ def test_report_of_a_fixed_store_matches_the_expected_tables(tmp_path: Path) -> 
         _row("n0", "ce", None, 0, 70.0, "sym20"), _row("n1", "ce", None, 1, 72.0, "sym20"),
         _row("nk0", "kd", "A", 0, 75.0, "sym20"), _row("nk1", "kd", "A", 1, 76.0, "sym20"),
         _row("nt0", "teacher", None, 0, 85.0, "sym20", role="teacher"),
-        {**_row("bad", "dkd", "A", 1, 0.0, "sym20"), "status": "failed", "best_top1": None, "last_top1": None, "error": "x"},
+        {**_row("bad", "dkd", "A", 1, 0.0, "sym20"), "status": "failed", "selected_top1": None, "last_top1": None, "error": "x"},
     ]  # fmt: skip
     for r in rows:
         store.record(r)
@@ -404,7 +425,7 @@ def test_report_of_a_fixed_store_matches_the_expected_tables(tmp_path: Path) -> 
         "d · clean: methods × teacher–student pairs",
         "d · pair A: methods × conditions",
     ]
-    assert markdown_table(tables[0], "best_top1") == "\n".join(
+    assert markdown_table(tables[0], "selected_top1") == "\n".join(
         [
             "| method | A | B |",
             "|---|---|---|",
@@ -425,6 +446,7 @@ def test_report_of_a_fixed_store_matches_the_expected_tables(tmp_path: Path) -> 
         ]
     )
     md = (write_report(tmp_path) / "report.md").read_text()
+    assert "Test top-1 at the epoch of best validation top-1" in md and "legacy" not in md  # no table selects on test
     assert "## Failed runs" in md and "| bad | d | A | dkd | sym20 | 1 | x |" in md
     assert json.dumps(store.meta()) == "{}"
 
@@ -444,3 +466,18 @@ def test_a_moved_study_directory_keeps_its_finished_runs(tmp_path: Path, monkeyp
     assert not done & {n for n, _ in calls.calls}  # hashes do not depend on where the study lives
     # the stopped run's recipe now names the teacher at its new path: it starts afresh rather than resume
     assert calls.calls[0] == (f"runs/{victim}", False)
+
+
+def test_a_store_from_before_validation_gains_the_new_columns(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "results.sqlite"
+    with sqlite3.connect(path) as db:  # the runs table as kdflow wrote it before selection on validation
+        db.execute("CREATE TABLE runs (hash TEXT PRIMARY KEY, role TEXT NOT NULL, best_top1 REAL, last_top1 REAL)")
+        db.execute("INSERT INTO runs VALUES ('old', 'student', 80.0, 79.0)")
+    store = Store(path)
+    with store.connect() as db:
+        columns = {r[1] for r in db.execute("PRAGMA table_info(runs)")}
+        old = dict(db.execute("SELECT * FROM runs WHERE hash = 'old'").fetchone())
+    assert {"selected_top1", "selected_epoch", "test_best_top1"} <= columns
+    assert old["selected_top1"] is None and old["last_top1"] == 79.0

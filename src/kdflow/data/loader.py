@@ -31,6 +31,31 @@ def subset(ds: ArrayDataset, n: int | None, seed: int) -> ArrayDataset:
     return select(ds, torch.randperm(len(ds), generator=seeded_generator(seed, 7))[:n])
 
 
+def stratified_split(labels: torch.Tensor, size: float, num_classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, held-out) sample indices: `size` (a fraction < 1, or a count) held out, spread over the classes
+    in proportion to their counts (largest remainders), each class keeping at least one sample; seeded."""
+    n = labels.numel()
+    total = round(size * n) if size < 1 else int(size)
+    if not 0 < total < n:
+        raise ValueError(f"a validation split of {size:g} leaves {n - total} of {n} training samples")
+    counts = torch.bincount(labels.cpu(), minlength=num_classes).double()
+    exact = counts * total / n
+    quota = exact.floor()
+    rest = int(total - quota.sum())
+    if rest > 0:
+        quota[torch.argsort(exact - quota, descending=True, stable=True)[:rest]] += 1
+    quota = torch.minimum(quota, (counts - 1).clamp(min=0)).long()
+    g = seeded_generator(seed, 11)
+    held = []
+    for c in range(num_classes):
+        members = torch.nonzero(labels.cpu() == c).flatten()
+        held.append(members[torch.randperm(members.numel(), generator=g)[: int(quota[c])]])
+    held_out = torch.sort(torch.cat(held)).values
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[held_out] = False
+    return torch.nonzero(mask).flatten(), held_out
+
+
 def to_device(ds: ArrayDataset, device: torch.device) -> ArrayDataset:
     """Move in-memory data to `device`; a lazy source stays on disk and its batches move when loaded."""
     x = ds.x.to(device) if isinstance(ds.x, torch.Tensor) else ds.x

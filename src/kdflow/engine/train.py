@@ -2,9 +2,10 @@
 
 Per step: every node the stage needs runs once (frozen ones under inference mode), the flow
 sums supervision and transfers into one loss, one backward pass, one optimizer step per
-training node. Per epoch: every training node is evaluated on the test split, metrics are
-appended to `metrics.jsonl`, and `last.pt` (everything needed to resume) is written
-atomically, with `best-NODE.pt` when a node improves. A resumed run continues from `last.pt`
+training node. Per epoch: every training node is evaluated on the test split (and on the validation split when
+`data.validation` holds one out), metrics are appended to `metrics.jsonl`, and `last.pt`
+(everything needed to resume) is written atomically, with `best-NODE.pt` when a node's
+validation top-1 improves (never chosen on the test split). A resumed run continues from `last.pt`
 and ends with the same weights and metrics as an uninterrupted one.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ from kdflow.data import ArrayDataset, load_dataset
 from kdflow.data.augment import augment_batch
 from kdflow.data.base import DatasetError
 from kdflow.data.corrupt import NOISE, imbalance_indices
-from kdflow.data.loader import batches, load_inputs, num_batches, seeded_generator, select, subset, to_device
+from kdflow.data.loader import batches, load_inputs, num_batches, seeded_generator, select, stratified_split, subset, to_device
 from kdflow.data.views import ViewTable, apply_views, make_view_table, view_of
 from kdflow.engine.distributed import DistInfo, all_reduce_sum, average_gradients, init_distributed, sync_buffers
 from kdflow.engine.evaluate import evaluate, evaluate_ensemble, topk_correct
@@ -96,9 +97,10 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_data(recipe: Recipe) -> tuple[ArrayDataset, ArrayDataset, dict]:
-    """The training and test splits after `limit`, imbalance and label noise (training split only), and
-    a record of what the corruptions did: per-class counts, the realised noise rate and mask."""
+def load_data(recipe: Recipe) -> tuple[ArrayDataset, ArrayDataset | None, ArrayDataset, dict]:
+    """The training, validation (None without `data.validation`) and test splits after `limit`, imbalance
+    and label noise (training split only; the validation split is held out of it afterwards, so it carries
+    the same corruption), and a record of what was done: per-class counts, the realised noise rate and mask."""
     d = recipe.data
     try:
         train = load_dataset(d.name, "train", d.root, **d.options)
@@ -123,8 +125,27 @@ def load_data(recipe: Recipe) -> tuple[ArrayDataset, ArrayDataset, dict]:
         record["clean_labels"] = train.y
         train = replace(train, y=noisy)
         record["train_noisy_class_counts"] = torch.bincount(noisy, minlength=train.num_classes).tolist()
+    val = None
+    if d.validation is not None:
+        clean = record.get("clean_labels", train.y)
+        try:
+            keep, held = stratified_split(clean, d.validation.size, train.num_classes, d.validation.seed)
+        except ValueError as e:
+            raise RecipeError(f"data.validation: {e}") from None
+        val, train = select(train, held), select(train, keep)
+        record["validation"] = {
+            **d.validation.model_dump(),
+            "samples": len(held),
+            "class_counts": torch.bincount(clean[held], minlength=train.num_classes).tolist(),
+        }
+        if "noise_mask" in record:
+            record["validation"]["noisy_labels"] = int(record["noise_mask"][held].sum())
+            record["noise_mask"], record["clean_labels"] = record["noise_mask"][keep], clean[keep]
+        record["train_class_counts"] = torch.bincount(clean[keep], minlength=train.num_classes).tolist()
+        if d.noise is not None:
+            record["train_noisy_class_counts"] = torch.bincount(train.y, minlength=train.num_classes).tolist()
     record["test_class_counts"] = torch.bincount(test.y, minlength=test.num_classes).tolist()
-    return train, test, record
+    return train, val, test, record
 
 
 def write_data_record(out: Path, record: dict) -> None:
@@ -402,9 +423,28 @@ def train(
     callbacks: list[Callable[[EpochEnd], None]] = (),
     log: Callable[[str], None] = print,
 ) -> list[dict]:
-    """Run `recipe` into `out_dir`; returns the summary (per node: params, best and last top-1).
+    """Run `recipe` into `out_dir`; returns the summary (per node: params, validation-selected, last and
+    legacy test-best top-1).
 
-    Under torchrun every process calls this; rank 0 alone writes files and logs."""
+    Under torchrun every process calls this; rank 0 alone writes files and logs. With `train.threads`
+    torch runs on that many intra-op threads for the run (restored afterwards)."""
+    threads = torch.get_num_threads()
+    if recipe.train.threads is not None:
+        torch.set_num_threads(recipe.train.threads)
+    try:
+        return _train(recipe, out_dir, resume, progress, callbacks, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(
+    recipe: Recipe,
+    out_dir: str | Path,
+    resume: bool,
+    progress: bool | None,
+    callbacks: list[Callable[[EpochEnd], None]],
+    log: Callable[[str], None],
+) -> list[dict]:
     out = Path(out_dir)
     _check_resumable(out, recipe, resume)
     dist_info = init_distributed()
@@ -414,7 +454,7 @@ def train(
         progress = sys.stderr.isatty()
     seed_everything(recipe.seed)
     device = pick_device(recipe.device, dist_info)
-    train_set, test_set, data_record = load_data(recipe)
+    train_set, val_set, test_set, data_record = load_data(recipe)
     sample = augment_batch(load_inputs(test_set, torch.arange(2)), test_set.mean, test_set.std)
     flow = Flow(recipe, train_set.num_classes, train_set.input_shape, sample, num_data=len(train_set), train_labels=train_set.y).to(device)
     if recipe.train.channels_last and sample.dim() == 4:
@@ -422,6 +462,7 @@ def train(
     flow.autocast_dtype = AUTOCAST[recipe.train.precision]
     scaler = torch.amp.GradScaler(device.type) if recipe.train.precision == "fp16" else None
     train_set, test_set = to_device(train_set, device), to_device(test_set, device)
+    val_set = to_device(val_set, device) if val_set is not None else None
     stages = flow.stages
     for note in flow.notes:
         log(note)
@@ -477,12 +518,16 @@ def train(
             records = []
             for node in stage.train:
                 ev = evaluate(flow.models[node], test_set, recipe.train.eval_batch_size, dist_info)
-                key = f"{si}:{node}"
-                if key not in best or ev["test_top1"] > best[key]["top1"]:
-                    best[key] = {"top1": ev["test_top1"], "epoch": epoch + 1}
-                    if dist_info.main:
-                        path = out / f"best-{node}.pt"
-                        save_node(flow, recipe, node, train_set, path, epoch=epoch + 1, stage=stage.name, **ev)
+                if val_set is not None:
+                    # `best` is chosen on validation only; without a validation split there is no best
+                    val = evaluate(flow.models[node], val_set, recipe.train.eval_batch_size, dist_info)
+                    ev = {**ev, "val_top1": val["test_top1"], "val_loss": val["test_loss"]}
+                    key = f"{si}:{node}"
+                    if key not in best or ev["val_top1"] > best[key]["val_top1"]:
+                        best[key] = {"val_top1": ev["val_top1"], "epoch": epoch + 1}
+                        if dist_info.main:
+                            path = out / f"best-{node}.pt"
+                            save_node(flow, recipe, node, train_set, path, epoch=epoch + 1, stage=stage.name, **ev)
                 records.append(
                     {
                         "stage": stage.name,
@@ -493,7 +538,6 @@ def train(
                         "train_loss": stats["train_ce"][node],
                         "train_top1": stats["train_top1"][node],
                         **ev,
-                        "best_top1": best[key]["top1"],
                         "total_loss": stats["total"],
                         "terms": {k: v for k, v in stats["terms"].items() if f"> {node}." in k or k.endswith(f"({node})")},
                         "time_s": stats["elapsed"],
@@ -504,6 +548,9 @@ def train(
                 if all(m in stage.train or m in ready for m in members):
                     models = [flow.models[m] for m in members]
                     ev = evaluate_ensemble(models, test_set, recipe.train.eval_batch_size, dist_info)
+                    if val_set is not None:
+                        val = evaluate_ensemble(models, val_set, recipe.train.eval_batch_size, dist_info)
+                        ev = {**ev, "val_top1": val["test_top1"], "val_loss": val["test_loss"]}
                     records.append({"stage": stage.name, "stage_index": si, "epoch": epoch + 1, "node": name, "kind": "ensemble", **ev})
             flow.set_stage_modes(stage)  # evaluation switched the nodes to eval mode
             if dist_info.main:
@@ -515,7 +562,8 @@ def train(
                         save_node(flow, recipe, node, train_set, path, stage=stage.name, epoch=epoch + 1)
                 _save_last(out, flow, optimizers, scaler, si, epoch + 1, best)
             nodes_text = " | ".join(
-                f"{r['node']}: loss {r['train_loss']:.3f} train {r['train_top1']:.2f} test {r['test_top1']:.2f}"
+                f"{r['node']}: loss {r['train_loss']:.3f} train {r['train_top1']:.2f}"
+                + (f" val {r['val_top1']:.2f}" if "val_top1" in r else "") + f" test {r['test_top1']:.2f}"
                 if "kind" not in r
                 else f"{r['node']} (ensemble): test {r['test_top1']:.2f}"
                 for r in records

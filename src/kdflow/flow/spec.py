@@ -251,6 +251,9 @@ class TrainSpec(Strict):
     # multi-process runs: training nodes' and their helpers' batch norms use the global batch's statistics
     # (engine/sync_bn.py); off: each rank normalises by its shard's. No effect in one process.
     sync_bn: bool = False
+    # torch's intra-op threads for this run (None: leave the process's setting). The thread count changes the
+    # order of float reductions, so runs that must give identical numbers wherever they run fix it (studies: 1).
+    threads: int | None = Field(None, ge=1)
 
 
 class AugmentSpec(Strict):
@@ -274,6 +277,21 @@ class ImbalanceSpec(Strict):
     seed: int = 0
 
 
+class ValidationSpec(Strict):
+    """A validation split held out of the training split, on which `best` is chosen (never on test).
+
+    Carved after `limit`, imbalance and label noise, so it is corrupted like the training split;
+    stratified by the clean labels, seeded. `size`: a fraction of the training split (< 1) or a count."""
+
+    size: float = Field(gt=0)
+    seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _number(cls, data: Any) -> Any:
+        return {"size": data} if isinstance(data, (int, float)) and not isinstance(data, bool) else data
+
+
 class DataSpec(Strict):
     name: str
     root: str | None = None
@@ -282,7 +300,8 @@ class DataSpec(Strict):
     options: dict[str, Any] = {}
     augment: AugmentSpec = AugmentSpec()
     imbalance: ImbalanceSpec | None = None  # applied after `limit`
-    noise: NoiseSpec | None = None  # applied last
+    noise: NoiseSpec | None = None  # applied after imbalance
+    validation: ValidationSpec | None = None  # held out last: `validation: 0.1` or {size: 500, seed: 1}
 
 
 class Recipe(Strict):

@@ -36,7 +36,7 @@ from kdflow.study.locks import file_lock
 from kdflow.study.store import RUN_COLUMNS, Store
 
 MAX_ATTEMPTS = 2  # the first try and one retry
-CURVE_KEYS = ("node", "stage_index", "stage", "epoch", "test_top1", "test_loss", "train_top1", "train_loss", "ece")
+CURVE_KEYS = ("node", "stage_index", "stage", "epoch", "test_top1", "test_loss", "train_top1", "train_loss", "ece", "val_top1")
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def _load_model(path: Path) -> torch.nn.Module:
 
 def agreement(recipe: Recipe, student_file: Path, teacher_file: Path) -> float:
     """Fraction of the run's test split on which student and teacher predict the same class."""
-    _, test, _ = load_data(recipe)
+    test = load_data(recipe)[2]
     student, teacher = _load_model(student_file), _load_model(teacher_file)
     same = 0
     with torch.inference_mode():
@@ -104,8 +104,9 @@ def collect(run: Run, out: Path, study_dir: Path, recipe: Recipe) -> tuple[dict[
     curves = [{k: r.get(k) for k in CURVE_KEYS} | {"step": i + 1} for i, r in enumerate(records)]
     data = json.loads((out / "data.json").read_text())
     row: dict[str, Any] = {
-        "best_top1": final["best_top1"],
-        "best_epoch": final["best_epoch"],
+        "selected_top1": final["selected_top1"],
+        "selected_epoch": final["selected_epoch"],
+        "test_best_top1": final["test_best_top1"],
         "last_top1": final["last_top1"],
         "last_top5": final["last_top5"],
         "epochs": len(records),

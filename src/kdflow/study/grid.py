@@ -122,6 +122,11 @@ def teacher_role(entry: MethodEntry, args: dict[str, Any], where: str) -> str | 
     return nodes["teacher"].get("role", "trainable")
 
 
+def _train(study: StudySpec, train: dict[str, Any]) -> dict[str, Any]:
+    """A run's train section: the dataset's, with the study's thread count unless the dataset sets its own."""
+    return {**copy.deepcopy(train), "threads": train.get("threads", study.threads)}
+
+
 def _teacher_run(study: StudySpec, ds: DatasetSpec, pair: PairSpec, cond: ConditionSpec, seed: int) -> Run:
     teacher = pair.teacher.model_dump()
     raw = {
@@ -130,7 +135,7 @@ def _teacher_run(study: StudySpec, ds: DatasetSpec, pair: PairSpec, cond: Condit
         "data": _data(ds, cond, seed),
         "nodes": {"teacher": teacher},
         "method": {"name": "ce", "student": "teacher"},
-        "train": copy.deepcopy(ds.teacher_train if ds.teacher_train is not None else ds.train),
+        "train": _train(study, ds.teacher_train if ds.teacher_train is not None else ds.train),
     }
     fields = {
         "teacher_arch": teacher["arch"],
@@ -176,7 +181,7 @@ def _student_run(
         "data": _data(ds, cond, seed),
         "nodes": nodes,
         "method": {"name": entry.name, **copy.deepcopy(args)},
-        "train": copy.deepcopy(ds.train),
+        "train": _train(study, ds.train),
     }
     try:
         h = config_hash(raw, teacher_run.hash if teacher_run else None)

@@ -1,7 +1,7 @@
 """The report's plots (matplotlib, Agg): accuracy against noise rate and imbalance ratio per method,
 student accuracy against teacher size (capacity gap), and training curves; all from the store.
 
-Sweeps and the capacity plot have two panels, best-epoch and last-epoch top-1 (mean over seeds,
+Sweeps and the capacity plot have two panels, validation-selected and last-epoch top-1 (mean over seeds,
 error bars one sample standard deviation). Colours are fixed per method across every plot.
 """
 
@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from kdflow.study.tables import _order, in_pair, mean_std, pairs_of  # noqa: E402
 
 Plots = dict[str, list[tuple[str, str]]]  # dataset -> [(title, file name)]
-PANELS = (("best_top1", "best-epoch top-1 (%)"), ("last_top1", "last-epoch top-1 (%)"))
+PANELS = (("selected_top1", "top-1 at the validation-selected epoch (%)"), ("last_top1", "last-epoch top-1 (%)"))
 
 
 

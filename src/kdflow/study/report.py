@@ -14,7 +14,7 @@ from typing import Any
 from kdflow.study.store import Store
 from kdflow.study.tables import METRICS, Cell, Table, build_tables, cells_of, pairs_of, teacher_cell
 
-TOP1 = ("best_top1", "last_top1")
+TOP1 = ("selected_top1", "last_top1")
 
 
 # Markdown
@@ -40,6 +40,10 @@ def markdown_table(t: Table, metric: str) -> str:
     for m in [m for m in t.methods if any((m, c) in cells for c in t.columns)]:
         lines.append(f"| {m} | " + " | ".join(_md_cell(cells.get((m, c)), t.seeds) for c in t.columns) + " |")
     return "\n".join(lines)
+
+
+def _has(t: Table, metric: str) -> bool:
+    return any(r.get(metric) is not None for rows in t.cells.values() for r in rows)
 
 
 def metric_caption(metric: str, seeds: int) -> str:
@@ -113,9 +117,7 @@ def render_markdown(rows: list[dict[str, Any]], meta: dict[str, Any], plots: dic
             if params:
                 out += [params, ""]
             for metric in METRICS:
-                if metric == "agreement" and not any(
-                    r.get("agreement") is not None for rows in t.cells.values() for r in rows
-                ):
+                if not _has(t, metric):  # agreement without teachers, val-selected top-1 without validation
                     continue
                 out += [metric_caption(metric, t.seeds), "", markdown_table(t, metric), ""]
             if t.omitted:
@@ -190,16 +192,14 @@ def latex_table(t: Table, metric: str) -> str:
 
 
 def render_latex(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    """Every table (top-1 best and last, agreement, ECE) as booktabs tables, ready to \\input."""
+    """Every table (top-1 validation-selected, last and legacy test-best, agreement, ECE) as booktabs tables, ready to \\input."""
     out = [
         f"% kdflow study {meta.get('name', '')}: tables generated from results.sqlite; needs \\usepackage{{booktabs}}",
         "",
     ]
     for t in build_tables(rows, meta):
         for metric in METRICS:
-            if metric == "agreement" and not any(
-                r.get("agreement") is not None for rows in t.cells.values() for r in rows
-            ):
+            if not _has(t, metric):
                 continue
             out += [latex_table(t, metric), ""]
     return "\n".join(out)

@@ -186,7 +186,8 @@ def _line(run: Run, row: dict[str, Any]) -> str:
     what = run.title()
     if status in ("done", "skipped") and row.get("last_top1") is not None:
         wall = f"  {row['wall_time_s']:.0f}s" if status == "done" and row.get("wall_time_s") is not None else ""
-        return f"{status:<7} {what}  best {row['best_top1']:.2f} last {row['last_top1']:.2f}{wall}  [{run.hash}]"
+        selected = "" if row.get("selected_top1") is None else f"val-selected {row['selected_top1']:.2f} "
+        return f"{status:<7} {what}  {selected}last {row['last_top1']:.2f}{wall}  [{run.hash}]"
     return f"{status:<7} {what}  {row.get('error') or ''}  [{run.hash}]".rstrip()
 
 

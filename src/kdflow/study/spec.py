@@ -149,6 +149,8 @@ class StudySpec(Strict):
     methods: list[MethodEntry] = Field(min_length=1)
     conditions: list[ConditionSpec] = [ConditionSpec(name="clean")]
     blocks: list[BlockSpec] = []
+    # torch threads of every run (train.threads, part of each run's hash): rows do not depend on --workers
+    threads: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _references(self) -> "StudySpec":

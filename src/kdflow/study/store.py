@@ -34,7 +34,9 @@ CREATE TABLE IF NOT EXISTS runs (
     status TEXT NOT NULL,           -- 'done' or 'failed'
     error TEXT,                     -- the last error of a failed run
     attempts INTEGER,
-    best_top1 REAL, best_epoch INTEGER, last_top1 REAL, last_top5 REAL, epochs INTEGER,
+    selected_top1 REAL, selected_epoch INTEGER, -- test top-1 at the epoch of best validation top-1 (NULL: no validation split)
+    last_top1 REAL, last_top5 REAL, epochs INTEGER,
+    test_best_top1 REAL,            -- legacy: the best test top-1 over the epochs (selection on the test set)
     per_class_top1 TEXT,            -- JSON list, last epoch
     ece REAL,                       -- expected calibration error, last epoch
     agreement REAL,                 -- fraction of test samples where student and teacher argmax agree (NULL: no teacher)
@@ -48,7 +50,7 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE TABLE IF NOT EXISTS curves (
     hash TEXT NOT NULL, node TEXT NOT NULL, stage_index INTEGER NOT NULL, stage TEXT, epoch INTEGER NOT NULL,
     step INTEGER NOT NULL,          -- epoch counted across stages (1-based)
-    test_top1 REAL, test_loss REAL, train_top1 REAL, train_loss REAL, ece REAL,
+    test_top1 REAL, test_loss REAL, train_top1 REAL, train_loss REAL, ece REAL, val_top1 REAL,
     PRIMARY KEY (hash, node, stage_index, epoch)
 );
 CREATE TABLE IF NOT EXISTS study (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -57,12 +59,22 @@ CREATE TABLE IF NOT EXISTS study (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 RUN_COLUMNS = (
     "hash role dataset pair method condition seed method_name method_args teacher_arch teacher_args teacher_key "
     "student_arch student_args student_key noise_kind noise_rate imbalance_kind imbalance_ratio status error attempts "
-    "best_top1 best_epoch last_top1 last_top5 epochs per_class_top1 ece agreement teacher_hash teacher_top1 "
+    "selected_top1 selected_epoch last_top1 last_top5 epochs test_best_top1 per_class_top1 ece agreement teacher_hash teacher_top1 "
     "student_params teacher_params realised_noise train_class_counts wall_time_s run_dir host finished"
 ).split()
 JSON_COLUMNS = {"method_args", "teacher_args", "student_args", "per_class_top1", "train_class_counts"}
-CURVE_COLUMNS = "hash node stage_index stage epoch step test_top1 test_loss train_top1 train_loss ece".split()
+CURVE_COLUMNS = "hash node stage_index stage epoch step test_top1 test_loss train_top1 train_loss ece val_top1".split()
 LABEL_COLUMNS = ("dataset", "pair", "method", "condition")
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    """A store written by an earlier kdflow gains the columns added since (NULL in its old rows)."""
+    for table, columns in (("runs", RUN_COLUMNS), ("curves", CURVE_COLUMNS)):
+        have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+        for c in columns:
+            if c not in have:
+                kind = "INTEGER" if c.endswith("epoch") else "TEXT" if c in JSON_COLUMNS else "REAL"
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {c} {kind}")
 
 
 class Store:
@@ -74,6 +86,7 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.connect() as db:
             db.executescript(SCHEMA)  # each CREATE ... IF NOT EXISTS commits on its own
+            _add_missing_columns(db)
 
     @contextmanager
     def connect(self) -> Iterator[sqlite3.Connection]:

@@ -481,3 +481,23 @@ def test_a_store_from_before_validation_gains_the_new_columns(tmp_path: Path) ->
         old = dict(db.execute("SELECT * FROM runs WHERE hash = 'old'").fetchone())
     assert {"selected_top1", "selected_epoch", "test_best_top1"} <= columns
     assert old["selected_top1"] is None and old["last_top1"] == 79.0
+
+
+def test_a_control_gives_its_own_gain(tmp_path: Path) -> None:
+    """kd's CE weight is 0.1: the study names `ce@0.1` (the student alone at that weight) as kd's control, and
+    kd's cells give the gain over it beside the gain over ce."""
+    store = Store(tmp_path / "results.sqlite")
+    rows = [_row("c0", "ce", None, 0, 80.0), _row("c1", "ce", None, 1, 82.0),
+            _row("w0", "ce@0.1", None, 0, 78.0), _row("w1", "ce@0.1", None, 1, 78.0),
+            _row("k0", "kd", "A", 0, 83.0), _row("k1", "kd", "A", 1, 85.0),
+            _row("d0", "dkd", "A", 0, 84.0), _row("d1", "dkd", "A", 1, 86.0),
+            _row("n0", "ce", None, 0, 70.0, "sym20"), _row("nk0", "kd", "A", 0, 75.0, "sym20")]  # fmt: skip
+    for r in rows:
+        store.record(r)
+    store.write_meta({"methods": ["ce", "ce@0.1", "kd", "dkd"], "controls": {"kd": "ce@0.1"}})
+    (t,) = [t for t in build_tables(store.rows(), store.meta()) if t.axis == "conditions"]
+    table = markdown_table(t, "selected_top1")
+    assert "| kd | 84.00 ± 1.41 (ce +3.00, ce@0.1 +6.00) |" in table
+    assert "| dkd | **85.00 ± 1.41** (ce +4.00, kd +1.00) |" in table  # no control named for dkd
+    with pytest.raises(RecipeError, match="controls: no method labelled .ce@0.5."):
+        parse_study({**copy.deepcopy(STUDY), "controls": {"kd": "ce@0.5"}})

@@ -50,7 +50,8 @@ def metric_caption(metric: str, seeds: int) -> str:
     what, better = METRICS[metric]
     text = f"{what[0].upper() + what[1:]}, " + (f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed")
     if metric in TOP1:
-        text += "; in brackets the gain over the student alone (ce) and over kd in the same column"
+        text += ("; in brackets the gain over the student alone (ce), over kd, and over the method's control (a run that "
+                 "differs from it in the label weight only) where the study names one, in the same column")
     return text + f"; {'highest' if better == 'max' else 'lowest'} per column in bold."
 
 

@@ -161,6 +161,7 @@ def design_meta(study: StudySpec, text: str, grid: Grid) -> dict[str, Any]:
             {"name": p.name, "teacher": p.teacher.model_dump(), "student": p.student.model_dump()} for p in study.pairs
         ],
         "methods": [m.label for m in study.methods],
+        "controls": dict(study.controls),
         "conditions": [c.model_dump() for c in study.conditions],
         "seeds": list(study.seeds),
         "runs": len(grid.runs),

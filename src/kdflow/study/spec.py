@@ -151,6 +151,10 @@ class StudySpec(Strict):
     blocks: list[BlockSpec] = []
     # torch threads of every run (train.threads, part of each run's hash): rows do not depend on --workers
     threads: int = Field(1, ge=1)
+    # method label -> the label of its control: a run that differs from it in the label weight only (e.g. kd,
+    # CE weight 0.1, -> `ce@0.1`, the student alone with CE weight 0.1); the tables give the gain over it too,
+    # which separates "more distillation" from "a different weight on the labels"
+    controls: dict[str, str] = {}
 
     @model_validator(mode="after")
     def _references(self) -> "StudySpec":
@@ -178,6 +182,10 @@ class StudySpec(Strict):
                         raise ValueError(
                             f"blocks.{i}.{axis}: no {axis[:-1]} {name!r} (known: {', '.join(map(str, labels[axis]))})"
                         )
+        for method, control in self.controls.items():
+            for label in (method, control):
+                if label not in labels["methods"]:
+                    raise ValueError(f"controls: no method labelled {label!r}")
         if len({b.name for b in self.blocks}) != len(self.blocks):
             raise ValueError("blocks: names must be unique")
         return self

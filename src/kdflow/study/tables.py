@@ -43,6 +43,7 @@ class Table:
     teacher: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # column -> teacher rows
     seeds: int = 0  # the number of seeds a full cell has
     omitted: list[str] = field(default_factory=list)  # methods left out of a pairs table: run on one of its pairs only
+    controls: dict[str, str] = field(default_factory=dict)  # method -> its matched-label-weight control
 
     @property
     def title(self) -> str:
@@ -109,7 +110,7 @@ def build_tables(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[Table
             m for m in present if axis == "pairs" and len(columns) > 1 and sum((m, c) in cells for c in columns) == 1
         ]
         shown = [m for m in present if m not in single]
-        return Table(dataset, axis, fixed, columns, shown, cells, teacher, n_seeds, single)
+        return Table(dataset, axis, fixed, columns, shown, cells, teacher, n_seeds, single, dict(meta.get("controls", {})))
 
     tables = []
     for dataset in datasets:
@@ -168,7 +169,8 @@ def cells_of(t: Table, metric: str) -> dict[tuple[str, str], Cell]:
                 cell = out.get((method, col))
                 if cell is None:
                     continue
-                for base in (BASELINE, KD):
+                bases = [BASELINE, KD] + ([t.controls[method]] if t.controls.get(method) not in (None, BASELINE, KD) else [])
+                for base in bases:
                     ref = out.get((base, col))
                     if ref is not None and method != base and not (base == KD and method == BASELINE):
                         cell.gains.append((base, cell.mean - ref.mean))

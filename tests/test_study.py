@@ -431,8 +431,8 @@ def test_report_of_a_fixed_store_matches_the_expected_tables(tmp_path: Path) -> 
             "|---|---|---|",
             "| teacher | 91.00 ± 1.41 | 93.00 ± 0.00 |",
             "| ce | 81.00 ± 1.41 | 81.00 ± 1.41 |",
-            "| kd | 84.00 ± 1.41 (ce +3.00) | **82.50 ± 0.71** (ce +1.50) |",
-            "| dkd | **85.00 ± 1.41** (ce +4.00, kd +1.00) | 81.00 (ce +0.00, kd -1.50) [n=1] |",
+            "| kd | 84.00 ± 1.41 (ce +3.00†) | **82.50 ± 0.71** (ce +1.50) |",  # † 3.00 > 2·√(1.41²/2 + 1.41²/2) = 2.83
+            "| dkd | **85.00 ± 1.41** (ce +4.00†, kd +1.00) | 81.00 (ce +0.00, kd -1.50) [n=1] |",
         ]
     )
     assert markdown_table(tables[1], "last_top1") == "\n".join(
@@ -441,8 +441,8 @@ def test_report_of_a_fixed_store_matches_the_expected_tables(tmp_path: Path) -> 
             "|---|---|---|",
             "| teacher | 90.00 ± 1.41 | 84.00 [n=1] |",
             "| ce | 80.00 ± 1.41 | 70.00 ± 1.41 |",
-            "| kd | 83.00 ± 1.41 (ce +3.00) | **74.50 ± 0.71** (ce +4.50) |",
-            "| dkd | **84.00 ± 1.41** (ce +4.00, kd +1.00) | – |",
+            "| kd | 83.00 ± 1.41 (ce +3.00†) | **74.50 ± 0.71** (ce +4.50†) |",
+            "| dkd | **84.00 ± 1.41** (ce +4.00†, kd +1.00) | – |",
         ]
     )
     md = (write_report(tmp_path) / "report.md").read_text()
@@ -497,7 +497,7 @@ def test_a_control_gives_its_own_gain(tmp_path: Path) -> None:
     store.write_meta({"methods": ["ce", "ce@0.1", "kd", "dkd"], "controls": {"kd": "ce@0.1"}})
     (t,) = [t for t in build_tables(store.rows(), store.meta()) if t.axis == "conditions"]
     table = markdown_table(t, "selected_top1")
-    assert "| kd | 84.00 ± 1.41 (ce +3.00, ce@0.1 +6.00) |" in table
-    assert "| dkd | **85.00 ± 1.41** (ce +4.00, kd +1.00) |" in table  # no control named for dkd
+    assert "| kd | 84.00 ± 1.41 (ce +3.00†, ce@0.1 +6.00†) |" in table
+    assert "| dkd | **85.00 ± 1.41** (ce +4.00†, kd +1.00) |" in table  # no control named for dkd
     with pytest.raises(RecipeError, match="controls: no method labelled .ce@0.5."):
         parse_study({**copy.deepcopy(STUDY), "controls": {"kd": "ce@0.5"}})

@@ -58,6 +58,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not (study_dir / "results.sqlite").is_file():
         raise RecipeError(f"{study_dir}: no results.sqlite here (run `kdflow study` first)")
     out = write_report(study_dir, args.out)
+    if args.show:
+        print((out / "report.md").read_text())
     print(f"report written to {out}/ (report.md, report.tex, *.png)")
     return 0
 
@@ -93,4 +95,5 @@ def add_study_commands(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("report", help="tables (Markdown, LaTeX) and plots of a study, from its results store")
     r.add_argument("study_dir")
     r.add_argument("--out", help="output folder (default STUDY_DIR/report)")
+    r.add_argument("--show", action="store_true", help="also print report.md")
     r.set_defaults(fn=cmd_report)

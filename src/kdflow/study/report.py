@@ -26,7 +26,7 @@ def _md_cell(c: Cell | None, seeds: int) -> str:
     core = f"{c.mean:.2f} ± {c.std:.2f}" if c.std is not None else f"{c.mean:.2f}"
     text = f"**{core}**" if c.bold else core
     if c.gains:
-        text += " (" + ", ".join(f"{base} {g:+.2f}" for base, g in c.gains) + ")"
+        text += " (" + ", ".join(f"{base} {g:+.2f}{'†' if beyond else ''}" for base, g, beyond in c.gains) + ")"
     return text + (f" [n={c.n}]" if c.n < seeds else "")
 
 
@@ -51,7 +51,9 @@ def metric_caption(metric: str, seeds: int) -> str:
     text = f"{what[0].upper() + what[1:]}, " + (f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed")
     if metric in TOP1:
         text += ("; in brackets the gain over the student alone (ce), over kd, and over the method's control (a run that "
-                 "differs from it in the label weight only) where the study names one, in the same column")
+                 "differs from it in the label weight only) where the study names one, in the same column; † marks a "
+                 "difference beyond the seed spread (more than twice its standard error over the seeds), the others "
+                 "are within it")
     return text + f"; {'highest' if better == 'max' else 'lowest'} per column in bold."
 
 
@@ -166,7 +168,8 @@ def _tex_cell(c: Cell | None, seeds: int) -> str:
     core = f"{c.mean:.2f} $\\pm$ {c.std:.2f}" if c.std is not None else f"{c.mean:.2f}"
     text = f"\\textbf{{{core}}}" if c.bold else core
     if c.gains:
-        text += " {\\scriptsize(" + ", ".join(f"{_tex(base)} {g:+.2f}" for base, g in c.gains) + ")}"
+        dagger = "$^\\dagger$"
+        text += " {\\scriptsize(" + ", ".join(f"{_tex(base)} {g:+.2f}{dagger if beyond else ''}" for base, g, beyond in c.gains) + ")}"
     return text + (f"$^{{n={c.n}}}$" if c.n < seeds else "")
 
 

@@ -132,6 +132,14 @@ def build_tables(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[Table
     return tables
 
 
+def beyond_spread(diff: float, a: "Cell", b: "Cell") -> bool:
+    """Whether a difference of means exceeds twice its standard error over the seeds (Welch: √(s_a²/n_a + s_b²/n_b));
+    with fewer than two seeds on either side there is no spread to compare with, and the answer is no."""
+    if a.std is None or b.std is None or a.n < 2 or b.n < 2:
+        return False
+    return abs(diff) > 2 * math.sqrt(a.std**2 / a.n + b.std**2 / b.n)
+
+
 def mean_std(values: list[float]) -> tuple[float, float | None]:
     """Mean and sample standard deviation (None for a single value)."""
     m = sum(values) / len(values)
@@ -150,7 +158,7 @@ class Cell:
     mean: float
     std: float | None
     n: int
-    gains: list[tuple[str, float]]  # (baseline label, mean − the baseline's mean)
+    gains: list[tuple[str, float, bool]]  # (baseline label, mean − the baseline's mean, beyond the seed spread?)
     bold: bool = False
 
 
@@ -173,7 +181,8 @@ def cells_of(t: Table, metric: str) -> dict[tuple[str, str], Cell]:
                 for base in bases:
                     ref = out.get((base, col))
                     if ref is not None and method != base and not (base == KD and method == BASELINE):
-                        cell.gains.append((base, cell.mean - ref.mean))
+                        diff = cell.mean - ref.mean
+                        cell.gains.append((base, diff, beyond_spread(diff, cell, ref)))
         column = [out[(m, col)] for m in t.methods if (m, col) in out]
         if column:
             best = round(better(c.mean for c in column), 2)

@@ -11,10 +11,10 @@ gives min((epoch + 1) / 20, 1) for its 0-based epochs, which is the paper's min(
 e = epoch + 1 — the same ramp (1/20 in the first epoch, full weight from the 20th on).
 
 Defaults (CIFAR-100, the paper / mdistiller configs): τ = 4, α = 1, β = 8, CE weight 1.0.
-β is tuned per pair: β = 2 for resnet56→resnet20 and resnet110→resnet32; β = 6 for
-vgg13→vgg8, the wrn40-2 pairs (→wrn16-2, →wrn40-1, →ShuffleNetV1) and vgg13→MobileNetV2;
-β = 8 otherwise (resnet32x4 pairs, ResNet50→MobileNetV2). Set it with
-``method: {name: dkd, beta: 6}``.
+β is tuned per pair (mdistiller configs/cifar100/dkd/*.yaml): β = 2 for resnet56→resnet20 and
+resnet110→resnet32; β = 6 for vgg13→vgg8, wrn40-2→wrn16-2, wrn40-2→wrn40-1 and vgg13→MobileNetV2;
+β = 8 otherwise (wrn40-2→ShuffleV1, the resnet32x4 pairs, ResNet50→MobileNetV2). The CIFAR-100
+pair files carry these as presets; elsewhere set it with ``method: {name: dkd, beta: 6}``.
 """
 from __future__ import annotations
 

@@ -59,7 +59,7 @@ def describe_text(graph: dict[str, Any]) -> str:
             extras.append(f"stages {t.stages}")
         if t.pool:
             extras.append(f"pool {t.pool}")
-        target = t.targets[0] if len(t.targets) == 1 else f"[{', '.join(t.targets)}]"
+        target = f"[{', '.join(t.targets)}]" if isinstance(t.to, GroupSpec) else t.targets[0]
         lines.append(f"  {_source(t)} -> {target}  via {t.criterion}  ({'; '.join(e for e in extras if e)})")
     if graph.get("stages"):
         lines.append("stages (in order):")

@@ -127,22 +127,7 @@ def test_cifar100_fine_and_coarse(tmp_path: Path) -> None:
         load_dataset("cifar100", "test", root=str(d), label_kind="medium")
 
 
-# ---------------------------------------------------------------- MNIST-1D and synthetic
-
-
-def test_mnist1d() -> None:
-    train, test = load_dataset("mnist1d", "train"), load_dataset("mnist1d", "test")
-    assert train.x.shape == (4000, 1, 40) and test.x.shape == (1000, 1, 40)
-    assert train.x.dtype == torch.float32 and train.y.dtype == torch.int64
-    assert set(train.y.tolist()) == set(range(10)) == set(test.y.tolist())
-    assert train.num_classes == 10 and len(train.mean) == len(train.std) == 1
-    assert abs(train.mean[0] - train.x.mean().item()) < 1e-4
-    again = load_dataset("mnist1d", "train")
-    assert torch.equal(train.x, again.x) and torch.equal(train.y, again.y)
-    other = load_dataset("mnist1d", "train", seed=7)
-    assert not torch.equal(train.x, other.x)
-    small = load_dataset("mnist1d", "test", num_samples=100)
-    assert small.x.shape == (20, 1, 40)
+# ---------------------------------------------------------------- synthetic (MNIST-1D: test_mnist1d.py)
 
 
 @pytest.mark.parametrize("shape", [(1, 8, 8), (3, 4, 4), (1, 32)])

@@ -62,7 +62,8 @@ def evaluate_ensemble(
             hit = pred == y
             class_correct += torch.bincount(y[hit], minlength=c)
             class_total += torch.bincount(y, minlength=c)
-            b = (conf * ECE_BINS).long().clamp(max=ECE_BINS - 1)
+            # NaN confidences (a diverged model) go to bin 0 rather than crash bincount; the loss shows them
+            b = (conf.nan_to_num(0.0) * ECE_BINS).long().clamp(0, ECE_BINS - 1)
             bins[0] += torch.bincount(b, minlength=ECE_BINS).double()
             bins[1] += torch.bincount(b, weights=conf.double(), minlength=ECE_BINS)
             bins[2] += torch.bincount(b, weights=hit.double(), minlength=ECE_BINS)

@@ -21,6 +21,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import yaml
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -33,6 +34,7 @@ from kdflow.data.loader import batches, load_inputs, num_batches, seeded_generat
 from kdflow.data.views import ViewTable, apply_views, make_view_table, view_of
 from kdflow.engine.distributed import DistInfo, all_reduce_sum, average_gradients, init_distributed, sync_buffers
 from kdflow.engine.evaluate import evaluate, evaluate_ensemble, topk_correct
+from kdflow.engine.nonfinite import StepGuard, check_evaluation, check_state
 from kdflow.engine.report import summarize, summary_table
 from kdflow.engine.rundir import (
     append_jsonl,
@@ -45,7 +47,7 @@ from kdflow.engine.sync_bn import convert_batch_norms
 from kdflow.engine.teacher_cache import TeacherCache, state_hash
 from kdflow.flow.errors import RecipeError
 from kdflow.flow.graph import Flow, FlowOutput
-from kdflow.flow.recipe import dump_recipe
+from kdflow.flow.recipe import dump_recipe, resolve
 from kdflow.flow.spec import OptimSpec, Recipe, StageSpec
 from kdflow.models import count_parameters
 
@@ -215,7 +217,9 @@ def train_epoch(
 
     Under several processes each takes its shard of every global batch; the sums are reduced at the end.
     With `views`, each sample is augmented as its view of this epoch, and nodes in `caches` are not run:
-    their logits for (sample, view) are read from the cache."""
+    their logits for (sample, view) are read from the cache. A step with a non-finite loss, gradient or
+    batch-norm statistic stops the run or is skipped (`train.on_nonfinite`; engine/nonfinite.py); skipped
+    steps count in `nonfinite_steps` and not in the epoch's sums."""
     bs = recipe.train.batch_size
     steps = num_batches(len(train_set), bs, shuffled=True)
     order_gen = seeded_generator(recipe.seed, stage_index, epoch, 0)
@@ -230,6 +234,8 @@ def train_epoch(
     seen = 0
     helper_params = [p for n in stage.train for h in flow.helpers_of(n) for p in h.parameters()]
     synced = [flow.models[n] for n in stage.train] + [h for n in stage.train for h in flow.helpers_of(n)]
+    guard = StepGuard(flow, list(stage.train), optimizers, recipe.train.on_nonfinite, stage.name, epoch + 1,
+                      scaler is not None, dist_info)
     bar = Progress(steps, f"{stage.name} {epoch + 1}/{stage.epochs}", progress)
     start = time.perf_counter()
     last_update = 0
@@ -253,10 +259,13 @@ def train_epoch(
             x = x.contiguous(memory_format=torch.channels_last)
         cached = {f"{n}.logits": c.lookup(idx, view, device) for n, c in (caches or {}).items()}
         share = yb.shape[0] * dist_info.world / global_n if dist_info.enabled else 1.0
+        skipped = sum(guard.skipped.values())
         if stage.updates == "alternating":  # one node after another, each from a fresh forward (DML)
             after = (lambda: average_gradients(helper_params, dist_info.world)) if dist_info.enabled else None
-            out = alternating_step(flow, stage, x, yb, epoch, idx, cached, optimizers, scaler, after, share)
+            out = alternating_step(flow, stage, x, yb, epoch, idx, cached, optimizers, scaler, after, share,
+                                   guard, step + 1)
         else:
+            guard.snapshot()
             out = flow(x, yb, stage, epoch, idx, cached)
             for opt in optimizers.values():
                 opt.zero_grad(set_to_none=True)
@@ -267,12 +276,16 @@ def train_epoch(
             (scaler.scale(loss) if scaler else loss).backward()
             if dist_info.enabled:
                 average_gradients(helper_params, dist_info.world)
-            for opt in optimizers.values():
-                scaler.step(opt) if scaler else opt.step()
+            if guard.ok(out.total, list(stage.train), step + 1, out):
+                for opt in optimizers.values():
+                    scaler.step(opt) if scaler else opt.step()
         if dist_info.enabled:
             sync_buffers(synced, global_idx, dist_info)
-        if scaler:
+        skipped = sum(guard.skipped.values()) - skipped
+        if scaler and skipped < len(stage.train):  # the scaler updates after at least one of its steps
             scaler.update()
+        if skipped:
+            continue  # a skipped step's values are not finite: left out of the epoch's sums
         n = yb.shape[0]
         seen += n
         with torch.no_grad():
@@ -304,6 +317,7 @@ def train_epoch(
         "train_ce": {n: ce_sum[n].item() / max(seen, 1) for n in stage.train},
         "terms": {k: float(v.item()) / max(seen, 1) for k, v in term_sums.items()},
         "lr": {n: optimizers[n].param_groups[0]["lr"] for n in stage.train},
+        "nonfinite_steps": dict(guard.skipped),
     }
 
 
@@ -319,14 +333,19 @@ def alternating_step(
     scaler: torch.amp.GradScaler | None = None,
     after_backward: Callable[[], None] | None = None,
     loss_scale: float = 1.0,
+    guard: StepGuard | None = None,
+    step: int = 0,
 ) -> FlowOutput:
     """One batch of a stage with ``updates: alternating`` (Zhang et al. 2018, Deep Mutual Learning, Algorithm 1):
     the stage's training nodes, in order, each take a forward pass of every node (the others without gradient,
     so the nodes updated before it are seen with their new weights), a backward pass of their own losses and
     their own optimizer step. Returns the passes merged for the running sums: each node's logits, CE and terms
-    from its own pass, and the sum of the nodes' losses."""
+    from its own pass, and the sum of the nodes' losses. With `guard`, each node's step (1-based `step`) is
+    checked for non-finite values before it is taken (engine/nonfinite.py)."""
     merged: FlowOutput | None = None
     for node in stage.train:
+        if guard is not None:
+            guard.snapshot()
         out = flow(x, y, stage, epoch, idx, cached, only=node)
         for opt in optimizers.values():
             opt.zero_grad(set_to_none=True)
@@ -334,7 +353,8 @@ def alternating_step(
         (scaler.scale(loss) if scaler else loss).backward()
         if after_backward is not None:
             after_backward()
-        scaler.step(optimizers[node]) if scaler else optimizers[node].step()
+        if guard is None or guard.ok(out.total, [node], step, out):
+            scaler.step(optimizers[node]) if scaler else optimizers[node].step()
         if merged is None:
             merged = FlowOutput(total=out.total.detach())
         else:
@@ -353,8 +373,30 @@ def _check_resumable(out: Path, recipe: Recipe, resume: bool) -> None:
         raise RecipeError(f"--resume: {out} holds no last.pt to resume from")
     if not resume and last.exists():
         raise RecipeError(f"--out {out}: holds a run already; pass --resume to continue it, or choose another --out")
-    if resume and (out / "recipe.yaml").exists() and (out / "recipe.yaml").read_text() != dump_recipe(recipe):
+    if resume and (out / "recipe.yaml").exists() and not _same_recipe(out / "recipe.yaml", recipe):
         raise RecipeError(f"--resume: the recipe differs from {out / 'recipe.yaml'}; resume with the run's own recipe")
+
+
+def _same_recipe(path: Path, recipe: Recipe) -> bool:
+    """Whether the run's recipe.yaml holds `recipe`: the same text, or the same recipe once read back (a file
+    written before a field was added lacks that field at its default)."""
+    text = path.read_text()
+    if text == dump_recipe(recipe):
+        return True
+    try:
+        return dump_recipe(resolve(yaml.safe_load(text), str(path))) == dump_recipe(recipe)
+    except (RecipeError, yaml.YAMLError):
+        return False
+
+
+def _check_batch_size(recipe: Recipe, train_set: ArrayDataset) -> None:
+    """A batch larger than the training split (known once the data is loaded) cannot be what was meant."""
+    n, bs = len(train_set), recipe.train.batch_size
+    if bs > n:
+        raise RecipeError(
+            f"train.batch_size: {bs} is larger than the training split ({n} samples after data.limit, imbalance "
+            "and validation); lower it, e.g. --set train.batch_size=N"
+        )
 
 
 def _stage_views_and_caches(
@@ -460,6 +502,7 @@ def _train(
     if recipe.train.channels_last and sample.dim() == 4:
         flow = flow.to(memory_format=torch.channels_last)
     flow.autocast_dtype = AUTOCAST[recipe.train.precision]
+    _check_batch_size(recipe, train_set)  # after the graph's own checks, before the run directory is written
     scaler = torch.amp.GradScaler(device.type) if recipe.train.precision == "fp16" else None
     train_set, test_set = to_device(train_set, device), to_device(test_set, device)
     val_set = to_device(val_set, device) if val_set is not None else None
@@ -515,6 +558,8 @@ def _train(
             log(f"stage {stage.name!r}: training {', '.join(stage.train)} for {stage.epochs} epochs")
         for epoch in range(first, stage.epochs):
             stats = train_epoch(flow, recipe, stage, si, epoch, train_set, optimizers, progress, dist_info, scaler, views, caches)
+            # nothing non-finite is evaluated or saved (best, last, nodes/)
+            check_state(flow, list(stage.train), optimizers, stage.name, epoch + 1)
             records = []
             for node in stage.train:
                 ev = evaluate(flow.models[node], test_set, recipe.train.eval_batch_size, dist_info)
@@ -522,6 +567,8 @@ def _train(
                     # `best` is chosen on validation only; without a validation split there is no best
                     val = evaluate(flow.models[node], val_set, recipe.train.eval_batch_size, dist_info)
                     ev = {**ev, "val_top1": val["test_top1"], "val_loss": val["test_loss"]}
+                check_evaluation(ev, node, optimizers, stage.name, epoch + 1)
+                if val_set is not None:
                     key = f"{si}:{node}"
                     if key not in best or ev["val_top1"] > best[key]["val_top1"]:
                         best[key] = {"val_top1": ev["val_top1"], "epoch": epoch + 1}
@@ -542,6 +589,8 @@ def _train(
                         "terms": {k: v for k, v in stats["terms"].items() if f"> {node}." in k or k.endswith(f"({node})")},
                         "time_s": stats["elapsed"],
                         "images_per_sec": stats["seen"] / max(stats["elapsed"], 1e-9),
+                        **({"nonfinite_steps": stats["nonfinite_steps"][node]}
+                           if recipe.train.on_nonfinite == "skip_step" else {}),
                     }
                 )
             for name, members in recipe.ensembles.items():
@@ -568,9 +617,11 @@ def _train(
                 else f"{r['node']} (ensemble): test {r['test_top1']:.2f}"
                 for r in records
             )
+            skipped = ", ".join(f"{n} {k}" for n, k in stats["nonfinite_steps"].items() if k)
             log(
                 f"[{stage.name}] epoch {epoch + 1}/{stage.epochs}  {nodes_text}  "
                 f"({records[0]['images_per_sec']:.0f} img/s, {stats['elapsed']:.1f}s)"
+                + (f"  non-finite steps skipped: {skipped}" if skipped else "")
             )
             for cb in callbacks:
                 cb(EpochEnd(si, stage.name, epoch + 1, records))

@@ -51,15 +51,15 @@ class OptimSpec(Strict):
     """SGD settings; a node's `optim` overrides the fields it names."""
 
     lr: float = Field(0.05, gt=0)
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    momentum: float = Field(0.9, ge=0)
+    weight_decay: float = Field(5e-4, ge=0)
     nesterov: bool = False
 
 
 class NodeOptim(Strict):
-    lr: float | None = None
-    momentum: float | None = None
-    weight_decay: float | None = None
+    lr: float | None = Field(None, gt=0)
+    momentum: float | None = Field(None, ge=0)
+    weight_decay: float | None = Field(None, ge=0)
     nesterov: bool | None = None
 
 
@@ -183,6 +183,14 @@ class TransferSpec(Strict):
         return self.targets[0].split(".", 1)[0]
 
 
+PROBABILITIES = {"epsilon"}  # loss parameters that are probabilities (label smoothing's ε)
+
+
+def _check_probability(name: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+        raise ValueError(f"{name}: {value!r} is a probability; it must lie in [0, 1]")
+
+
 class SuperviseSpec(Strict):
     """A trainable node's loss against the labels: `ce` by default; unknown keys are the loss's parameters."""
 
@@ -208,13 +216,17 @@ class SuperviseSpec(Strict):
         for key in self.params:
             if key not in allowed:
                 raise ValueError(f"unknown field {key!r}: loss {self.loss!r} takes {', '.join(allowed) or 'no parameters'}")
+        for key in PROBABILITIES & set(self.params):
+            _check_probability(key, self.params[key])
         return self
 
 
 class StageSpec(Strict):
     name: str
     train: list[str] | None = None  # default: every node whose role is trainable
-    epochs: int | None = Field(None, ge=0)  # default: train.epochs
+    # default: train.epochs. A stage of 0 epochs is skipped (AB's init_epochs: 0), as long as every node it
+    # trains gets at least one epoch in some stage (Recipe._every_node_trains)
+    epochs: int | None = Field(None, ge=0)
     # joint: one forward, one summed loss, one backward, every node stepped (the default); alternating: the
     # training nodes updated one after another on each batch, each from a fresh forward of every node (DML's
     # Algorithm 1; engine/train.py alternating_step)
@@ -254,6 +266,9 @@ class TrainSpec(Strict):
     # torch's intra-op threads for this run (None: leave the process's setting). The thread count changes the
     # order of float reductions, so runs that must give identical numbers wherever they run fix it (studies: 1).
     threads: int | None = Field(None, ge=1)
+    # a NaN or infinite loss, gradient or batch-norm statistic: stop the run with one line (the default), or
+    # skip that optimizer step (batch-norm statistics restored) and count it as `nonfinite_steps` in the metrics
+    on_nonfinite: Literal["stop", "skip_step"] = "stop"
 
 
 class AugmentSpec(Strict):
@@ -290,6 +305,12 @@ class ValidationSpec(Strict):
     @classmethod
     def _number(cls, data: Any) -> Any:
         return {"size": data} if isinstance(data, (int, float)) and not isinstance(data, bool) else data
+
+    @model_validator(mode="after")
+    def _fraction_or_count(self) -> "ValidationSpec":
+        if self.size >= 1 and self.size != int(self.size):
+            raise ValueError(f"size: {self.size:g} is neither a fraction below 1 nor a whole number of samples")
+        return self
 
 
 class DataSpec(Strict):
@@ -407,7 +428,30 @@ class Recipe(Strict):
                         f"nodes.{name}: frozen in stage {stage.name!r} but has no checkpoint and no earlier stage trains it"
                     )
             trained.update(stage.train)
+        self._every_node_trains()
         return self
+
+    def _every_node_trains(self) -> None:
+        """Every node a stage trains gets at least one epoch somewhere: otherwise it would be saved untrained
+        (nodes/NODE.pt) and later recipes would load it as trained. A stage of 0 epochs is fine (skipped) when
+        its nodes train in another stage."""
+        stages = self.resolved_stages()
+        epochs: dict[str, int] = {}
+        for i, stage in enumerate(stages):
+            if not stage.train:
+                field = f"stages.{i}.train" if self.stages and self.stages[i].train is not None else "nodes"
+                raise ValueError(f"{field}: stage {stage.name!r} trains no node; a stage trains at least one")
+            for node in stage.train:
+                epochs[node] = epochs.get(node, 0) + (stage.epochs or 0)
+        for i, stage in enumerate(stages):
+            idle = [n for n in stage.train if epochs[n] == 0]
+            if idle:
+                field = f"stages.{i}.epochs" if self.stages and self.stages[i].epochs is not None else "train.epochs"
+                raise ValueError(
+                    f"{field}: stage {stage.name!r} runs 0 epochs and {', '.join(idle)} "
+                    f"{'trains' if len(idle) == 1 else 'train'} in no other stage, so would be saved untrained; "
+                    "give it at least 1 epoch"
+                )
 
     def resolved_stages(self) -> list[StageSpec]:
         """Stages with `train` and `epochs` filled in; one stage training every trainable node by default."""

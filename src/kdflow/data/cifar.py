@@ -27,16 +27,46 @@ def _batches_dir(root: str | os.PathLike | None, dirname: str, marker: str, hint
     raise DatasetError(f"missing {base / dirname} (nor {base / marker}); {hint}")
 
 
+# What a CIFAR pickle holds besides plain containers: numpy arrays (the `data` rows), their dtypes and, in files
+# re-pickled by Python 3, the byte strings of protocol 2 (_codecs.encode) and the array buffers of protocol 5
+# (_frombuffer). numpy 2 renamed numpy.core to numpy._core; a file names the one it was written by. Each of these
+# only builds arrays or bytes from data.
+_ALLOWED = {
+    *((f"{core}.multiarray", name) for core in ("numpy.core", "numpy._core") for name in ("_reconstruct", "scalar")),
+    *((f"{core}.numeric", "_frombuffer") for core in ("numpy.core", "numpy._core")),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+}
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """A pickle names a global outside `_ALLOWED`."""
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Reads plain containers, strings, numbers and numpy arrays; any other global (a function or class a
+    crafted file would call: os.system, builtins.eval, ...) is refused before it is looked up."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in _ALLOWED:
+            raise RefusedGlobal(f"refused global {module}.{name} (a CIFAR batch holds only arrays and lists)")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path, keys: tuple[bytes, ...], hint: str) -> dict:
     if not path.is_file():
         raise DatasetError(f"missing {path}; {hint}")
     try:
         with open(path, "rb") as f:
-            # The published CIFAR files are Python pickles (that is the distribution format);
-            # we only open the files the user downloaded and placed under root themselves.
-            d = pickle.load(f, encoding="bytes")
+            # The published CIFAR files are Python pickles (that is the distribution format): read through
+            # CifarUnpickler, so a file that carries code is refused rather than run.
+            d = CifarUnpickler(f, encoding="bytes").load()
+    except RefusedGlobal as e:
+        raise DatasetError(f"{path}: not a plain CIFAR pickle: {e}; {hint}") from None
     except Exception as e:  # unpickling garbage can raise almost anything
-        raise DatasetError(f"cannot unpickle {path}: {type(e).__name__}: {e}; {hint}") from None
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise DatasetError(f"cannot unpickle {path}: {type(e).__name__}: {first}; {hint}") from None
     if not isinstance(d, dict) or any(k not in d for k in keys):
         want = ", ".join(repr(k) for k in keys)
         raise DatasetError(f"{path} is not a CIFAR batch (needs a dict with keys {want}); {hint}")

@@ -77,8 +77,8 @@ class TeacherCache:
         meta = json.loads(self.meta_path.read_text())
         if meta.get("key") != self.key or meta.get("sha256") != file_sha256(self.files):
             return "corrupted"
-        self.values = np.load(self.files[0], mmap_mode="r")
-        self.indices = np.load(self.files[1], mmap_mode="r") if self.topk else None
+        self.values = np.load(self.files[0], mmap_mode="r", allow_pickle=False)
+        self.indices = np.load(self.files[1], mmap_mode="r", allow_pickle=False) if self.topk else None
         return "ok"
 
     def build(

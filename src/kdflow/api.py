@@ -12,7 +12,9 @@ mode, never require gradients, and are left out of `parameters()` and `parameter
 """
 from __future__ import annotations
 
+import copy
 import inspect
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -92,8 +94,8 @@ class Distiller(nn.Module):
         nodes = {n: {**f, "arch": f.get("arch", f"external:{type(flow.models[n]).__name__}")} for n, f in graph.get("nodes", {}).items() if n in flow.models}
         missing = [n for n in graph.get("nodes", {}) if n not in flow.models]
         for n in missing:
-            if "same_as" in graph["nodes"][n]:  # an SL-T or a generation: a fresh copy of that node's model
-                flow.models[n] = _fresh_copy(flow.models[graph["nodes"][n]["same_as"]])
+            if "same_as" in graph["nodes"][n]:  # an SL-T or a generation: a fresh model of that node's architecture
+                flow.models[n] = _fresh_copy(flow.models[graph["nodes"][n]["same_as"]], n, graph["nodes"][n]["same_as"])
                 nodes[n] = {k: v for k, v in graph["nodes"][n].items() if k != "same_as"} | {"arch": nodes[graph["nodes"][n]["same_as"]]["arch"]}
             else:
                 raise RecipeError(f"{flow.method}: node {n!r} needs a model: pass {n}=<nn.Module>")
@@ -201,12 +203,64 @@ def _is_module_criterion(name: str) -> bool:
     return name in CRITERIA and CRITERIA[name].module
 
 
-def _fresh_copy(model: nn.Module) -> nn.Module:
-    """A copy of `model` with its parameters re-initialised (an untrained model of the same architecture)."""
-    import copy
+def _fresh_copy(model: nn.Module, node: str, source: str) -> nn.Module:
+    """An untrained model of `model`'s architecture for node `node` (``same_as: source``), built again by its
+    class, so the class's own initialisation runs for every parameter, raw nn.Parameters included.
 
-    clone = copy.deepcopy(model)
-    for module in clone.modules():
-        if hasattr(module, "reset_parameters"):
-            module.reset_parameters()
-    return clone
+    The constructor's arguments are read back from the model's attributes of the same names (else their
+    defaults), and the rebuilt model must print like `model` and hold the same state-dict shapes; nn.Sequential,
+    nn.ModuleList and nn.ModuleDict are rebuilt child by child. A class that cannot be rebuilt that way is
+    deep-copied and its own `reset_parameters()` called; without one, RecipeError says what to add."""
+    fresh = _rebuild(model)
+    if fresh is None and callable(getattr(type(model), "reset_parameters", None)):
+        fresh = copy.deepcopy(model)
+        fresh.reset_parameters()
+    if fresh is None:
+        cls = type(model).__name__
+        raise RecipeError(
+            f"nodes.{node}: same_as {source!r}: cannot build a fresh {cls}: its constructor's arguments are not "
+            f"attributes of the same names; store them (self.width = width), give {cls} a reset_parameters(), "
+            f"or pass the model yourself (flow.models[{node!r}] = {cls}(...)) before building the Distiller"
+        )
+    like = next(iter([*model.parameters(), *model.buffers()]), None)
+    if like is not None:
+        fresh = fresh.to(device=like.device, dtype=like.dtype if like.is_floating_point() else None)
+    return fresh
+
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _rebuild(model: nn.Module) -> nn.Module | None:
+    """`type(model)(...)` with the constructor's arguments read from `model`, or kdflow's `build_model` call for
+    a model of its zoo (None when that does not rebuild the same architecture)."""
+    built = getattr(model, "kdflow_build", None)
+    if isinstance(built, dict):
+        from kdflow.models import build_model
+
+        fresh = build_model(**built)
+    elif type(model) in _CONTAINERS:
+        children = {name: _rebuild(child) for name, child in model.named_children()}
+        if any(c is None for c in children.values()):
+            return None
+        if type(model) is nn.ModuleList:
+            fresh = nn.ModuleList(children.values())
+        else:
+            fresh = type(model)(OrderedDict(children))
+    else:
+        args: dict[str, Any] = {}
+        for name, param in list(inspect.signature(type(model).__init__).parameters.items())[1:]:
+            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                continue
+            value = getattr(model, name, inspect.Parameter.empty)
+            if value is not inspect.Parameter.empty and not isinstance(value, (nn.Module, torch.Tensor)):
+                args[name] = value
+            elif param.default is inspect.Parameter.empty:
+                return None
+        try:
+            fresh = type(model)(**args)
+        except Exception:  # arguments read back wrongly: not this architecture
+            return None
+    own, new = model.state_dict(), fresh.state_dict()
+    same_shapes = own.keys() == new.keys() and all(own[k].shape == new[k].shape for k in own)
+    return fresh if same_shapes and repr(fresh) == repr(model) else None

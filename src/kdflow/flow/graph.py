@@ -60,8 +60,8 @@ def _seeded_build(recipe: Recipe, name: str, index: int, num_classes: int, input
             return build_model(spec.arch, num_classes, input_shape, **spec.args)
         except KeyError as e:
             raise RecipeError(f"nodes.{name}.arch: {e.args[0]}") from None
-        except TypeError as e:
-            raise RecipeError(f"nodes.{name}.args: {e}") from None
+        except (TypeError, ValueError) as e:  # an unknown argument, or a value the model refuses (a dropout of 1.5)
+            raise RecipeError(f"nodes.{name}.args: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def load_node_checkpoint(model: nn.Module, name: str, spec_arch: str, path: str) -> None:
@@ -144,6 +144,9 @@ class Flow(nn.Module):
         self.num_data = num_data
         self.train_labels = train_labels
         self.runners: dict[str, nn.Module] = {}  # node -> a wrapper to run it through (DDP); not in the state dict
+        # node -> {parameter: requires_grad} as they were when set_stage_modes froze the node: unfreezing restores
+        # them, so parameters the user froze stay frozen
+        self.frozen_flags: dict[str, dict[str, bool]] = {}
         self.autocast_dtype: torch.dtype | None = None  # mixed precision for the nodes' forward passes
         if sample is not None:
             self._check_shapes(sample)
@@ -245,12 +248,23 @@ class Flow(nn.Module):
         return params
 
     def set_stage_modes(self, stage: StageSpec) -> None:
-        """Training nodes (and their helpers) in train mode with gradients; every other node eval, frozen."""
+        """Training nodes (and their helpers) in train mode with gradients; every other node eval, frozen.
+
+        A node's own parameters are frozen by this call and given back as they were: a parameter its owner set
+        to requires_grad=False stays so when the node trains."""
         for name, model in self.models.items():
             training = name in stage.train
-            for module in [model, *self.helpers_of(name)]:
-                module.train(training)
-                module.requires_grad_(training)
+            if training and name in self.frozen_flags:
+                flags = self.frozen_flags.pop(name)
+                for key, p in model.named_parameters():
+                    p.requires_grad_(flags.get(key, True))
+            elif not training and name not in self.frozen_flags:
+                self.frozen_flags[name] = {key: p.requires_grad for key, p in model.named_parameters()}
+                model.requires_grad_(False)
+            model.train(training)
+            for helper in self.helpers_of(name):
+                helper.train(training)
+                helper.requires_grad_(training)
 
     def run_nodes(
         self, x: torch.Tensor, stage: StageSpec, cached: dict[str, torch.Tensor] | None = None, only: str | None = None
@@ -267,6 +281,9 @@ class Flow(nn.Module):
             elif node in stage.train:
                 out = rec.run(x, self.runners.get(node))
             else:
+                # frozen is a property of the node: whatever put it in train mode since (a parent module's .train(),
+                # the user's), it runs in eval mode, so dropout is off and batch-norm statistics never move
+                self.models[node].eval()
                 batch_stats = self.recipe.nodes[node].batch_norm == "batch"
                 with torch.inference_mode(), batch_statistics(self.models[node]) if batch_stats else nullcontext():
                     out = rec.run(x)

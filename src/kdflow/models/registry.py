@@ -21,7 +21,10 @@ def build_model(arch: str, num_classes: int, input_shape: tuple[int, ...], **arg
     """Build `arch` for inputs of shape C×H×W (or C×L) and `num_classes` outputs."""
     if arch not in MODELS:
         raise KeyError(f"unknown architecture {arch!r}; known: {', '.join(sorted(MODELS))}")
-    return MODELS[arch](num_classes=num_classes, input_shape=tuple(input_shape), **args)
+    model = MODELS[arch](num_classes=num_classes, input_shape=tuple(input_shape), **args)
+    # how it was built, so a fresh model of the same architecture can be built again (the API's same_as nodes)
+    model.kdflow_build = {"arch": arch, "num_classes": num_classes, "input_shape": tuple(input_shape), **args}
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

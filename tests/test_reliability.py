@@ -309,3 +309,63 @@ def test_same_as_of_a_model_that_cannot_be_rebuilt_says_what_to_add() -> None:
 
     with pytest.raises(RecipeError, match=r"^nodes\.gen1: same_as 'teacher': cannot build a fresh Opaque: .*reset_parameters"):
         kdflow.Distiller(kdflow.methods.born_again(teacher=Opaque(16), generations=1))
+
+
+# 5. checkpoint hygiene, malformed files, closed pipes
+
+
+def test_resume_removes_stray_temp_files_and_drops_a_torn_metrics_line(
+    kd_raw: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recipe = resolve(bn_raw(kd_raw))
+    full = tmp_path / "full"
+    train(recipe, full, **QUIET)
+    cut = tmp_path / "cut"
+    with monkeypatch.context() as m:
+        poison(m, lambda epoch, call: epoch == 1)  # stops in epoch 2: last.pt holds epoch 1
+        with pytest.raises(NonFiniteError):
+            train(recipe, cut, **QUIET)
+    # what a kill mid-write leaves: temp files of atomic writes and a partial metrics line
+    stray = [cut / ".last.pt.k3j9x_q1.tmp", cut / ".summary.json.a8b2c.tmp", cut / "nodes" / ".student.pt.zz81.tmp"]
+    for p in stray:
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(b"partial")
+    with open(cut / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 1, "node": "stud')
+    train(recipe, cut, resume=True, **QUIET)
+    assert not any(p.exists() for p in stray)
+    records = read_jsonl(cut / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [r["epoch"] for r in read_jsonl(full / "metrics.jsonl")]
+    a, b = read_model_file(full / "nodes" / "student.pt")["state_dict"], read_model_file(cut / "nodes" / "student.pt")["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_torn_line_before_the_last_is_an_error_naming_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 0}\n{"epo\n{"epoch": 1}\n')
+    with pytest.raises(ValueError, match=r"metrics\.jsonl: line 2 is not JSON"):
+        read_jsonl(path)
+    path.write_text('{"epoch": 0}\n{"epo')
+    assert read_jsonl(path) == [{"epoch": 0}]
+
+
+def test_atomic_writes_fsync_the_file_and_then_the_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import stat
+
+    from kdflow.checkpoint import save_atomic
+    from kdflow.engine.rundir import write_text_atomic
+
+    synced, fsync = [], os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    save_atomic({"w": torch.zeros(2)}, tmp_path / "a.pt")
+    assert synced == ["file", "dir"]
+    synced.clear()
+    write_text_atomic(tmp_path / "a.json", "{}")
+    assert synced == ["file", "dir"] and (tmp_path / "a.json").read_text() == "{}"
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -21,8 +21,31 @@ def temp_beside(path: Path) -> tuple[int, str]:
     return fd, tmp
 
 
+def fsync_dir(folder: Path) -> None:
+    """fsync a folder, so a rename in it survives a crash (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stray_temps(folder: Path) -> list[Path]:
+    """Remove the temporary files (`.NAME.XXXX.tmp`, from `temp_beside`) that an interrupted atomic write
+    left in `folder`; returns them."""
+    stray = sorted(p for p in Path(folder).glob(".*.tmp") if p.is_file())
+    for p in stray:
+        p.unlink(missing_ok=True)
+    return stray
+
+
 def save_atomic(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
+    """torch.save to a temporary file in the same folder, fsync, rename over `path`, fsync the folder."""
     path = Path(path)
     fd, tmp = temp_beside(path)
     try:
@@ -34,6 +57,7 @@ def save_atomic(obj: Any, path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
 
 
 def load_safe(path: str | Path) -> Any:

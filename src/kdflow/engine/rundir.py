@@ -13,14 +13,22 @@ from typing import Any
 import torch
 
 import kdflow
-from kdflow.checkpoint import temp_beside
+from kdflow.checkpoint import fsync_dir, temp_beside
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder, fsync, rename over `path`, fsync the folder."""
     fd, tmp = temp_beside(path)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -29,9 +37,20 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file. A last line that does not parse (torn by a kill mid-write) is
+    dropped; an unparsable line before it is an error naming the file and line."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [(i, line) for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    records = []
+    for k, (i, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if k == len(lines) - 1:
+                break
+            raise ValueError(f"{path}: line {i} is not JSON ({e.msg})") from None
+    return records
 
 
 def _git_commit() -> str | None:

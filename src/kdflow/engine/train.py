@@ -25,7 +25,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from kdflow.checkpoint import load_safe, model_file, save_atomic
+from kdflow.checkpoint import load_safe, model_file, remove_stray_temps, save_atomic
 from kdflow.data import ArrayDataset, load_dataset
 from kdflow.data.augment import augment_batch
 from kdflow.data.base import DatasetError
@@ -435,6 +435,9 @@ def _stage_views_and_caches(
 
 def _write_run_header(out: Path, recipe: Recipe, device: torch.device, resume: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    for folder in (out, out / "nodes"):  # what an interrupted atomic write left behind
+        if folder.is_dir():
+            remove_stray_temps(folder)
     write_text_atomic(out / "recipe.yaml", dump_recipe(recipe))
     env = environment(device, recipe.seed)
     env_path = out / "environment.json"

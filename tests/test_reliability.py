@@ -369,3 +369,22 @@ def test_atomic_writes_fsync_the_file_and_then_the_folder(tmp_path: Path, monkey
     write_text_atomic(tmp_path / "a.json", "{}")
     assert synced == ["file", "dir"] and (tmp_path / "a.json").read_text() == "{}"
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("command", ["train", "study"])
+def test_malformed_yaml_is_one_line_naming_file_line_and_column(tmp_path: Path, command: str, capsys) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\ntrain:\n  epochs: [1, 2\n  batch_size: 4\n")
+    code = main([command, str(path), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().count("\n") == 0, err
+    assert err.startswith(f"error: {path}, line 4, column 13: not valid YAML: expected ',' or ']', but got ':'"), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_malformed_set_value_is_one_line(kd_raw: dict, tmp_path: Path, capsys) -> None:
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(kd_raw))
+    code = main(["train", str(tmp_path / "r.yaml"), "--set", "train.epochs=[1", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: --set 'train.epochs=[1', line 1, column 3: not valid YAML:"), err
+    assert err.strip().count("\n") == 0 and not (tmp_path / "out").exists()

@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from kdflow.flow.errors import RecipeError
+from kdflow.flow.errors import RecipeError, yaml_error
 from kdflow.flow.spec import Recipe
 
 
@@ -20,7 +20,10 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     path = [p for p in key.strip().split(".") if p]
     if not path:
         raise RecipeError(f"--set {item!r}: empty key")
-    return path, yaml.safe_load(value) if value.strip() else None
+    try:
+        return path, yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as e:
+        raise yaml_error(f"--set {item!r}", e) from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -82,7 +85,7 @@ def read_yaml(path: Path) -> dict:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+        raise yaml_error(str(path), e) from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a mapping, got {type(raw).__name__}")
     return raw

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from kdflow.flow.errors import RecipeError
+from kdflow.flow.errors import RecipeError, yaml_error
 from kdflow.flow.recipe import format_validation_error
 from kdflow.flow.spec import DataSpec, TrainSpec
 
@@ -225,5 +225,5 @@ def load_study(path: str | Path) -> tuple[StudySpec, str]:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+        raise yaml_error(str(path), e) from None
     return parse_study(raw, str(path)), text

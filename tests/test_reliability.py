@@ -388,3 +388,27 @@ def test_malformed_set_value_is_one_line(kd_raw: dict, tmp_path: Path, capsys) -
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: --set 'train.epochs=[1', line 1, column 3: not valid YAML:"), err
     assert err.strip().count("\n") == 0 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", [["methods"], ["describe", "all"]])  # output within, and beyond, stdout's buffer
+def test_output_into_a_closed_pipe_exits_quietly(command: list[str]) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "kdflow", *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before anything is written (`kdflow methods | head -0`)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == "", err
+
+
+def test_the_interrupt_message_names_the_command_that_continues(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import kdflow.cli_study
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kdflow.cli_study, "cmd_study", interrupted)
+    assert main(["study", "s.yaml", "--out", str(tmp_path / "my study"), "--shard", "1/4"]) == 130
+    err = capsys.readouterr().err
+    assert err == f"interrupted; continue with `kdflow study s.yaml --out '{tmp_path / 'my study'}' --shard 1/4` (finished runs are kept)\n"
+    assert "--resume" not in err

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -195,17 +196,46 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def continue_hint(args: argparse.Namespace) -> str:
+    """What to run to continue an interrupted command."""
+    if args.command == "study" and args.target[0] != "slurm":
+        cmd = ["kdflow", "study", *args.target]
+        cmd += ["--out", args.out] if args.out else []
+        cmd += ["--shard", args.shard] if args.shard != "0/1" else []
+        cmd += ["--workers", str(args.workers)] if args.workers != 1 else []
+        return f"interrupted; continue with `{shlex.join(cmd)}` (finished runs are kept)"
+    if args.command == "train" or getattr(args, "teacher_command", None) == "train":
+        return "interrupted; continue with the same command and --resume"
+    return "interrupted"
+
+
+def _quiet_broken_pipe() -> int:
+    """stdout's reader went away (`kdflow models | head`): point stdout at /dev/null so the interpreter's
+    final flush does not fail again, and exit like a program killed by SIGPIPE, without a traceback."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+    return 141
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "set", None):
         args.set = [item for group in args.set for item in group]
     try:
-        return args.fn(args)
+        code = args.fn(args)
+        sys.stdout.flush()  # a closed pipe shows here rather than at the interpreter's exit
+        return code
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; continue with --resume", file=sys.stderr)
+        print(continue_hint(args), file=sys.stderr)
         return 130
 
 

@@ -501,3 +501,20 @@ def test_a_control_gives_its_own_gain(tmp_path: Path) -> None:
     assert "| dkd | **85.00 ± 1.41** (ce +4.00†, kd +1.00) |" in table  # no control named for dkd
     with pytest.raises(RecipeError, match="controls: no method labelled .ce@0.5."):
         parse_study({**copy.deepcopy(STUDY), "controls": {"kd": "ce@0.5"}})
+
+
+def test_a_recipe_error_is_recorded_as_failed_without_a_retry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_study(tmp_path)
+    out = tmp_path / "study"
+    run = expand(parse_study(yaml.safe_load(path.read_text())), out).runs[0]
+    calls = []
+
+    def refuse(recipe, out, **kw):
+        calls.append(out)
+        raise RecipeError("train.batch_size: 32 is above the 8 training samples")  # fails the same way every time
+
+    monkeypatch.setattr(execute_mod, "train", refuse)
+    row = execute_mod.train_and_record(execute_mod.Task(run, str(out)), execute_mod.store_of(out))
+    assert len(calls) == 1 and row["status"] == "failed" and row["attempts"] == 1
+    assert "RecipeError: train.batch_size: 32 is above" in row["error"]
+    assert Store(out / "results.sqlite").row(run.hash)["status"] == "failed"

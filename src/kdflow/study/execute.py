@@ -2,7 +2,8 @@
 
 A run that raises is tried a second time, resuming from its `last.pt` when there is one; after
 the second failure its row records `status = 'failed'` and the error (the traceback is in the
-run directory's `error.log`). Teachers train under a blocking per-teacher file lock, so a shard
+run directory's `error.log`). A RecipeError (a recipe that cannot run, a non-finite stop) would fail
+the same way again: it is recorded as failed after the first attempt. Teachers train under a blocking per-teacher file lock, so a shard
 that needs a teacher another shard is training waits for it and then reuses it; a student takes
 its own lock without waiting, so two processes never train the same run.
 """
@@ -27,6 +28,7 @@ from kdflow.data.loader import batches
 from kdflow.engine import train
 from kdflow.engine.rundir import read_jsonl
 from kdflow.engine.train import load_data
+from kdflow.flow.errors import RecipeError
 from kdflow.flow.recipe import dump_recipe, resolve
 from kdflow.flow.spec import Recipe
 from kdflow.flow.taps import model_logits
@@ -150,7 +152,8 @@ def _resumable(out: Path, recipe: Recipe, log: Callable[[str], None]) -> bool:
 
 
 def train_and_record(task: Task, store: Store) -> dict[str, Any]:
-    """Train the run (first try, then one retry resuming from last.pt), write its row; return the row."""
+    """Train the run (first try, then one retry resuming from last.pt, none after a RecipeError), write its
+    row; return the row."""
     run, study_dir = task.run, Path(task.study_dir)
     out = study_dir / run.run_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -176,8 +179,10 @@ def train_and_record(task: Task, store: Store) -> dict[str, Any]:
             error = _error_text(e)
             with open(out / "error.log", "a") as f:
                 f.write(f"== attempt {attempt}\n{traceback.format_exc()}\n")
+            if isinstance(e, RecipeError):  # deterministic (a recipe that cannot run): a retry fails the same way
+                break
             attempt += 1
-    row = failed_row(run, error, MAX_ATTEMPTS, time.perf_counter() - start)
+    row = failed_row(run, error, min(attempt, MAX_ATTEMPTS), time.perf_counter() - start)
     store.record(row)
     return row
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -518,3 +519,50 @@ def test_a_recipe_error_is_recorded_as_failed_without_a_retry(tmp_path: Path, mo
     assert len(calls) == 1 and row["status"] == "failed" and row["attempts"] == 1
     assert "RecipeError: train.batch_size: 32 is above" in row["error"]
     assert Store(out / "results.sqlite").row(run.hash)["status"] == "failed"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_end_with_a_killed_main_process(tmp_path: Path) -> None:
+    """kill -9 of the study's main process leaves no worker training on as an orphan."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    raw = copy.deepcopy(STUDY)
+    raw["blocks"] = [{"name": "small", "pairs": ["M-S"], "methods": ["ce", "kd"], "conditions": ["clean"]}]
+    path = write_study(tmp_path, raw, epochs=20000)  # minutes of training: killed mid-run
+    code = f"from kdflow.study.runner import run_study; run_study({str(path)!r}, {str(tmp_path / 's')!r}, workers=2)"
+    main = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def workers() -> list[int]:
+        found = []
+        for d in Path("/proc").iterdir():
+            try:
+                stat = (d / "stat").read_text()
+                cmd = (d / "cmdline").read_bytes()
+            except (OSError, ValueError):
+                continue
+            if d.name.isdigit() and int(stat.rsplit(")", 1)[1].split()[1]) == main.pid and b"spawn_main" in cmd:
+                found.append(int(d.name))
+        return found
+
+    deadline = time.time() + 120
+    while len(workers()) < 2 and time.time() < deadline:
+        time.sleep(0.5)
+    pids = workers()
+    assert len(pids) == 2
+    time.sleep(3)  # the workers are importing or training now
+    os.kill(main.pid, signal.SIGKILL)
+    main.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            return "Z" not in (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0])
+        except OSError:
+            return False
+
+    deadline = time.time() + 15
+    while any(alive(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(p) for p in pids), [p for p in pids if alive(p)]

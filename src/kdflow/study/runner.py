@@ -14,6 +14,9 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import sys
+import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
@@ -68,10 +71,34 @@ class InlineExecutor:
         pass
 
 
-def _worker_main(conn: Connection, threads: int) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """End this worker when the study's main process ends, however it ends (kill -9 included): Linux's
+    parent-death signal, and everywhere a watchdog thread that checks the parent every second. A killed
+    run loses nothing: its run directory resumes from its last checkpoint."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
+def _worker_main(conn: Connection, threads: int, parent_pid: int | None = None) -> None:
     """A worker process: set torch threads, then run tasks from the pipe until told to stop."""
     import torch
 
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (it terminates us)
     torch.set_num_threads(threads)
     while True:
@@ -91,7 +118,7 @@ class ProcessExecutor:
 
     def _start(self) -> dict[str, Any]:
         parent, child = self.ctx.Pipe()
-        proc = self.ctx.Process(target=_worker_main, args=(child, self.threads), daemon=True)
+        proc = self.ctx.Process(target=_worker_main, args=(child, self.threads, os.getpid()), daemon=True)
         proc.start()
         child.close()
         return {"proc": proc, "conn": parent, "task": None}

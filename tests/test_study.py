@@ -566,3 +566,25 @@ def test_workers_end_with_a_killed_main_process(tmp_path: Path) -> None:
     while any(alive(p) for p in pids) and time.time() < deadline:
         time.sleep(0.2)
     assert not any(alive(p) for p in pids), [p for p in pids if alive(p)]
+
+
+def test_a_lock_held_by_a_killed_process_is_free(tmp_path: Path) -> None:
+    """flock locks die with their process: a worker or shard killed while it holds a run's lock leaves
+    nothing stale, and the next process takes the lock at once."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    lock = tmp_path / "run.lock"
+    code = ("import time; from kdflow.study.locks import file_lock\n"
+            f"with file_lock({str(lock)!r}) as held:\n    print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with file_lock(lock, blocking=False) as free:
+        assert not free  # held by the live process
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    time.sleep(0.1)
+    with file_lock(lock, blocking=False) as free:
+        assert free

@@ -77,18 +77,26 @@ def test_diverging_run_stops_with_one_line_and_saves_nothing(kd_raw: dict, tmp_p
     assert all(all_finite(load_safe(p)["flow"] if p.name == "last.pt" else read_model_file(p)["state_dict"]) for p in saved)
 
 
+def full_and_cut_in_epoch_two(kd_raw: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, match: str | None = None):
+    """The batch-norm KD recipe run uninterrupted into `full`, and into `cut` stopped by a NaN gradient at the
+    first step of its second epoch (the NonFiniteError matching `match`); returns (recipe, full, cut)."""
+    recipe = resolve(bn_raw(kd_raw))
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train(recipe, full, **QUIET)
+    with monkeypatch.context() as m:
+        poison(m, lambda epoch, call: epoch == 1)
+        with pytest.raises(NonFiniteError, match=match):
+            train(recipe, cut, **QUIET)
+    return recipe, full, cut
+
+
 def test_nonfinite_stop_keeps_the_last_good_checkpoint_and_resume_continues(
     kd_raw: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    recipe = resolve(bn_raw(kd_raw))
-    full = tmp_path / "full"
-    train(recipe, full, **QUIET)
-    cut = tmp_path / "cut"
-    with monkeypatch.context() as m:
-        poison(m, lambda epoch, call: epoch == 1)  # the second epoch's first step
-        with pytest.raises(NonFiniteError, match=r"^non-finite values in stage 'main', epoch 2, step 1: node student "
-                                                 r"\(lr 0\.05\): gradient of .*; lower the learning rate"):
-            train(recipe, cut, **QUIET)
+    recipe, full, cut = full_and_cut_in_epoch_two(
+        kd_raw, tmp_path, monkeypatch,
+        r"^non-finite values in stage 'main', epoch 2, step 1: node student \(lr 0\.05\): gradient of .*; lower the learning rate",
+    )
     assert load_safe(cut / "last.pt")["epoch"] == 1 and read_model_file(cut / "best-student.pt")["epoch"] == 1
     assert all_finite(read_model_file(cut / "best-student.pt")["state_dict"])
     train(recipe, cut, resume=True, **QUIET)
@@ -317,14 +325,7 @@ def test_same_as_of_a_model_that_cannot_be_rebuilt_says_what_to_add() -> None:
 def test_resume_removes_stray_temp_files_and_drops_a_torn_metrics_line(
     kd_raw: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    recipe = resolve(bn_raw(kd_raw))
-    full = tmp_path / "full"
-    train(recipe, full, **QUIET)
-    cut = tmp_path / "cut"
-    with monkeypatch.context() as m:
-        poison(m, lambda epoch, call: epoch == 1)  # stops in epoch 2: last.pt holds epoch 1
-        with pytest.raises(NonFiniteError):
-            train(recipe, cut, **QUIET)
+    recipe, full, cut = full_and_cut_in_epoch_two(kd_raw, tmp_path, monkeypatch)  # cut's last.pt holds epoch 1
     # what a kill mid-write leaves: temp files of atomic writes and a partial metrics line
     stray = [cut / ".last.pt.k3j9x_q1.tmp", cut / ".summary.json.a8b2c.tmp", cut / "nodes" / ".student.pt.zz81.tmp"]
     for p in stray:

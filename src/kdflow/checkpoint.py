@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -44,13 +45,14 @@ def remove_stray_temps(folder: Path) -> list[Path]:
     return stray
 
 
-def save_atomic(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, rename over `path`, fsync the folder."""
+def write_atomic(path: str | Path, write: Callable[[IO], None], mode: str = "wb") -> None:
+    """Call `write` on a temporary file in `path`'s folder, fsync it, rename it over `path`, fsync the
+    folder; the temporary file is removed if anything fails."""
     path = Path(path)
     fd, tmp = temp_beside(path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -58,6 +60,11 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """torch.save `obj` to `path` atomically (`write_atomic`)."""
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def load_safe(path: str | Path) -> Any:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -13,22 +12,12 @@ from typing import Any
 import torch
 
 import kdflow
-from kdflow.checkpoint import fsync_dir, temp_beside
+from kdflow.checkpoint import write_atomic
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, fsync, rename over `path`, fsync the folder."""
-    fd, tmp = temp_beside(path)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    """Write `text` to `path` atomically (`checkpoint.write_atomic`)."""
+    write_atomic(path, lambda f: f.write(text), "w")
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import importlib
 import json
 from pathlib import Path
 
@@ -98,13 +100,21 @@ def test_same_command_same_numbers_and_students_differ_only_by_kd(tmp_path: Path
         assert torch.equal(v, flow.models["student_kd"].state_dict()[k])
 
 
-def test_frozen_teacher_never_changes(kd_raw: dict, teacher_ckpt: Path, tmp_path: Path) -> None:
+def test_frozen_teacher_never_changes(kd_raw: dict, teacher_ckpt: Path, tmp_path: Path, monkeypatch) -> None:
+    engine = importlib.import_module("kdflow.engine.train")  # the module (kdflow.engine.train is the function)
+
     before = read_model_file(teacher_ckpt)["state_dict"]
+    at_end = {}
+    check = engine.check_unchanged
+    monkeypatch.setattr(engine, "check_unchanged", lambda models, files: (at_end.update(models["teacher"].state_dict()), check(models, files)))
     train(resolve(kd_raw), tmp_path / "run", **QUIET)
-    after = load_safe(tmp_path / "run" / "last.pt")["flow"]
     for k, v in before.items():
-        assert torch.equal(after[f"models.teacher.{k}"], v), k  # weights and batch-norm statistics
+        assert torch.equal(at_end[k], v), k  # weights and batch-norm statistics, in memory when the run ended
     assert [p.stem for p in (tmp_path / "run" / "nodes").glob("*.pt")] == ["student"]
+    # last.pt names the teacher's file and hash instead of holding its weights (issue 13: no rewrite per epoch)
+    last = load_safe(tmp_path / "run" / "last.pt")
+    assert not [k for k in last["flow"] if k.startswith("models.teacher.")]
+    assert last["settled"] == {"teacher": {"file": str(teacher_ckpt), "sha256": hashlib.sha256(teacher_ckpt.read_bytes()).hexdigest()}}
 
 
 def test_run_directory_contents(kd_raw: dict, tmp_path: Path) -> None:

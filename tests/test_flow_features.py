@@ -12,6 +12,7 @@ from conftest import SYNTH, make_teacher
 from kdflow import losses
 from kdflow.engine import train
 from kdflow.engine.rundir import read_jsonl
+from kdflow.engine.train import load_flow_state
 from kdflow.flow import RecipeError, load_recipe, resolve
 from kdflow.flow.criteria import register_criterion
 from kdflow.flow.graph import Flow
@@ -154,11 +155,11 @@ def test_crd_memory_bank_travels_with_the_checkpoint(tmp_path: Path) -> None:
     raw = pair(tmp_path, transfers=[{"from": "teacher.embedding", "to": "student.embedding", "criterion": "crd",
                                      "num_negatives": 16}], train={"epochs": 1, "batch_size": 32})
     train(resolve(raw), tmp_path / "run", progress=False, log=lambda s: None)
-    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["flow"]
-    banks = {k: v for k, v in state.items() if "memory" in k}
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    banks = {k: v for k, v in last["flow"].items() if "memory" in k}
     assert len(banks) == 2 and all(v.shape == (96, 128) for v in banks.values())
     fresh = build(raw)
-    fresh.load_state_dict(state)
+    load_flow_state(fresh, last, tmp_path / "run")  # as --resume does (the frozen teacher from its file)
     for k, v in banks.items():
         assert torch.equal(fresh.state_dict()[k], v)
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")

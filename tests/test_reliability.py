@@ -3,7 +3,9 @@ file runs code, frozen stays frozen. docs/reliability.md lists these tests by fa
 from __future__ import annotations
 
 import copy
+import errno
 import math
+import os
 import pickle
 import re
 from pathlib import Path
@@ -339,6 +341,82 @@ def test_resume_removes_stray_temp_files_and_drops_a_torn_metrics_line(
     assert [r["epoch"] for r in records] == [r["epoch"] for r in read_jsonl(full / "metrics.jsonl")]
     a, b = read_model_file(full / "nodes" / "student.pt")["state_dict"], read_model_file(cut / "nodes" / "student.pt")["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_of_an_unreadable_last_pt_is_one_line_naming_it(kd_raw: dict, tmp_path: Path, capsys) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(kd_raw))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pt").write_bytes(b"PK\x03\x04 torn")  # a zip header and nothing after it
+    assert main(["train", str(path), "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(r"error: --resume: \S*run/last.pt cannot be read \(\w+Error: [^\n]*\); it is not a checkpoint .*", err), err
+
+
+def test_resume_reads_a_last_pt_that_holds_the_frozen_teacher_itself(
+    kd_raw: dict, teacher_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """last.pt names a settled node's file and hash now; one written before holds its weights, and resumes."""
+    recipe, full, cut = full_and_cut_in_epoch_two(kd_raw, tmp_path, monkeypatch)
+    last = load_safe(cut / "last.pt")
+    assert set(last.pop("settled")) == {"teacher"}
+    last["flow"].update({f"models.teacher.{k}": v for k, v in read_model_file(teacher_ckpt)["state_dict"].items()})
+    torch.save(last, cut / "last.pt")
+    train(recipe, cut, resume=True, **QUIET)
+    a, b = read_model_file(full / "nodes" / "student.pt")["state_dict"], read_model_file(cut / "nodes" / "student.pt")["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_full_disk_mid_run_is_one_line_and_resume_finishes_the_run(
+    kd_raw: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """The second epoch's last.pt meets a full disk (/dev/full): one line naming last.pt, epoch 1's last.pt
+    intact, no temporary file left, and --resume ends with the weights of an uninterrupted run."""
+    import kdflow.checkpoint as checkpoint
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(bn_raw(kd_raw)))
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main(["train", str(path), "--out", str(full)]) == 0
+    real, calls = checkpoint.temp_beside, []
+
+    def full_disk(target: Path):
+        fd, tmp = real(target)
+        calls.append(target.name)
+        if calls.count("last.pt") == 2:
+            os.close(fd)
+            fd = os.open("/dev/full", os.O_WRONLY)  # every write fails with ENOSPC
+        return fd, tmp
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "temp_beside", full_disk)
+        capsys.readouterr()
+        assert main(["train", str(path), "--out", str(cut)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {cut / 'last.pt'}: No space left on device (files are written whole"), err
+    assert err[0].endswith("then continue with the same command and --resume)")
+    assert load_safe(cut / "last.pt")["epoch"] == 1 and not list(cut.glob(".*.tmp"))
+    assert main(["train", str(path), "--out", str(cut), "--resume"]) == 0
+    a, b = read_model_file(full / "nodes" / "student.pt")["state_dict"], read_model_file(cut / "nodes" / "student.pt")["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_folder_that_cannot_be_written_is_one_line_naming_the_file(
+    kd_raw: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    import kdflow.checkpoint as checkpoint
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(kd_raw))
+
+    def refuse(target: Path):  # what a read-only folder does for a user who is not root (tests may run as root)
+        raise PermissionError(errno.EACCES, "Permission denied", str(target.parent / f".{target.name}.x1.tmp"))
+
+    monkeypatch.setattr(checkpoint, "temp_beside", refuse)
+    assert main(["train", str(path), "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {tmp_path / 'run' / 'recipe.yaml'}: Permission denied"), err
 
 
 def test_a_torn_line_before_the_last_is_an_error_naming_the_line(tmp_path: Path) -> None:

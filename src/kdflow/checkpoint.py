@@ -49,13 +49,19 @@ def write_atomic(path: str | Path, write: Callable[[IO], None], mode: str = "wb"
     """Call `write` on a temporary file in `path`'s folder, fsync it, rename it over `path`, fsync the
     folder; the temporary file is removed if anything fails."""
     path = Path(path)
-    fd, tmp = temp_beside(path)
+    try:
+        fd, tmp = temp_beside(path)
+    except OSError as e:  # a read-only or missing folder: name the file we meant to write
+        raise OSError(e.errno, e.strerror, str(path)) from None
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # a full disk: the error names the target, not the temporary file; the old file stays
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -63,7 +69,7 @@ def write_atomic(path: str | Path, write: Callable[[IO], None], mode: str = "wb"
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
-    """torch.save `obj` to `path` atomically (`write_atomic`)."""
+    """torch.save `obj` to `path` atomically (`write_atomic`); a full disk is an OSError naming `path`."""
     write_atomic(path, lambda f: torch.save(obj, f))
 
 

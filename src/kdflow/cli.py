@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shlex
 import sys
@@ -209,6 +210,16 @@ def continue_hint(args: argparse.Namespace) -> str:
     return "interrupted"
 
 
+def os_error_line(e: OSError, args: argparse.Namespace) -> str:
+    """`PATH: reason`, and for a run that stopped on a write, that its finished checkpoints are intact."""
+    what = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
+        resume = continue_hint(args).removeprefix("interrupted; ")
+        if resume != "interrupted":
+            return f"{what} (files are written whole or not at all: what was saved before is intact; fix this, then {resume})"
+    return what
+
+
 def _quiet_broken_pipe() -> int:
     """stdout's reader went away (`kdflow models | head`): point stdout at /dev/null so the interpreter's
     final flush does not fail again, and exit like a program killed by SIGPIPE, without a traceback."""
@@ -234,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a read-only or forbidden folder: one line naming the file
+        print(f"error: {os_error_line(e, args)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(continue_hint(args), file=sys.stderr)
         return 130

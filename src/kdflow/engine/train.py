@@ -43,6 +43,7 @@ from kdflow.engine.rundir import (
     write_text_atomic,
 )
 from kdflow.engine.schedule import lr_factor
+from kdflow.engine.settled import check_unchanged, restore_settled, settled_files, without_settled
 from kdflow.engine.sync_bn import convert_batch_norms
 from kdflow.engine.teacher_cache import TeacherCache, state_hash
 from kdflow.flow.errors import RecipeError
@@ -446,9 +447,12 @@ def _write_run_header(out: Path, recipe: Recipe, device: torch.device, resume: b
 
 
 def _save_last(out: Path, flow: Flow, optimizers: dict, scaler, stage_index: int, epoch: int, best: dict) -> None:
+    files = settled_files(flow.recipe, flow.stages, stage_index, out)
+    state, refs = without_settled(flow.state_dict(), files, out)
     save_atomic(
         {
-            "flow": flow.state_dict(),
+            "flow": state,
+            "settled": refs,
             "optimizers": {n: o.state_dict() for n, o in optimizers.items()},
             "scaler": scaler.state_dict() if scaler else {},
             "stage_index": stage_index,
@@ -458,6 +462,32 @@ def _save_last(out: Path, flow: Flow, optimizers: dict, scaler, stage_index: int
         },
         out / "last.pt",
     )
+
+
+def read_last(path: Path) -> dict:
+    """`last.pt`, or one line naming it when it cannot be read as one."""
+    try:
+        last = load_safe(path)
+    except Exception as e:  # truncated, not a torch file, or holding objects weights-only loading refuses
+        raise RecipeError(f"--resume: {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                          "it is not a checkpoint this run wrote: remove the run directory or pick another --out") from None
+    missing = [k for k in ("flow", "optimizers", "stage_index", "epoch", "best", "rng") if not isinstance(last, dict) or k not in last]
+    if missing:
+        raise RecipeError(f"--resume: {path} is not a kdflow last.pt (no {', '.join(missing)})")
+    return last
+
+
+def load_flow_state(flow: Flow, last: dict, out: Path) -> None:
+    """Give the flow the state of `last.pt`: the settled nodes from the files it references (checked by
+    hash), everything else from `last.pt` itself (a last.pt written before references held all of it)."""
+    refs = last.get("settled", {})
+    files = settled_files(flow.recipe, flow.stages, last["stage_index"], out) if refs else {}
+    restore_settled(flow.models, refs, files, out)
+    prefixes = tuple(f"models.{n}." for n in refs)
+    result = flow.load_state_dict(last["flow"], strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(prefixes)]
+    if missing or result.unexpected_keys:
+        raise RecipeError(f"--resume: {out / 'last.pt'} does not fit the flow: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
 
 
 def train(
@@ -520,9 +550,9 @@ def _train(
     stage_index, start_epoch, best = 0, 0, {}
     resumed = None
     if resume:
-        resumed = load_safe(out / "last.pt")
-        flow.load_state_dict(resumed["flow"])
+        resumed = read_last(out / "last.pt")
         stage_index, start_epoch, best = resumed["stage_index"], resumed["epoch"], json.loads(resumed["best"])
+        load_flow_state(flow, resumed, out)
         set_rng_state(resumed["rng"])
         if scaler and resumed.get("scaler"):
             scaler.load_state_dict(resumed["scaler"])
@@ -639,6 +669,7 @@ def _train(
 
     if not dist_info.main:
         return []
+    check_unchanged(flow.models, settled_files(flow.recipe, stages, len(stages), out))
     params = {n: count_parameters(m) for n, m in flow.models.items()}
     summary = summarize(recipe, read_jsonl(metrics_path), params)
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))

@@ -1,11 +1,14 @@
 """The ImageNet-style folder source on a tiny generated folder: scan, val/train decoding, errors, subsets."""
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from formats import VAL, make_folder, write_image
@@ -13,6 +16,11 @@ from kdflow.data import DATASETS, DatasetError, load_dataset
 from kdflow.data.folder import ImageFolderSource, random_resized_crop_params
 
 S = 16  # a small output size keeps decoding cheap; val resizes the short side to round(16·256/224) = 18
+
+@pytest.fixture(autouse=True)
+def _check_records_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KDFLOW_CACHE", str(tmp_path / "cache"))  # where clean image checks are remembered
+
 
 @pytest.fixture
 def folder(tmp_path: Path) -> Path:
@@ -143,3 +151,75 @@ def test_root_from_env_and_undecodable_file(folder: Path, monkeypatch: pytest.Mo
     src = ImageFolderSource(folder, "train", image_size=S)
     with pytest.raises(DatasetError, match="h.png"):
         src.load([len(src) - 1], torch.Generator().manual_seed(0))
+
+
+# bad images (issue 13): checked before training, or left out and counted under bad_images: skip
+
+
+@pytest.fixture
+def broken(folder: Path) -> Path:
+    """The folder with a truncated JPEG and a PNG that is not one in train."""
+    jpeg = folder / "train" / "cat" / "b.jpg"
+    jpeg.write_bytes(jpeg.read_bytes()[: len(jpeg.read_bytes()) // 2])  # a copy cut short
+    (folder / "train" / "eel" / "g.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return folder
+
+
+def test_bad_images_stop_before_training_with_one_line(broken: Path) -> None:
+    with pytest.raises(DatasetError) as e:
+        load_dataset("image_folder", "train", root=str(broken), image_size=S)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(f"image_folder: 2 of 7 images in {broken / 'train'} do not decode, e.g. ")
+    assert "b.jpg" in message and "bad_images: skip" in message
+    assert len(load_dataset("image_folder", "test", root=str(broken), image_size=S)) == 3  # val is clean
+
+
+def test_bad_images_skip_leaves_them_out_and_counts_them(broken: Path) -> None:
+    ds = load_dataset("image_folder", "train", root=str(broken), image_size=S, bad_images="skip")
+    assert len(ds) == 5 and sorted(Path(p).name for p, _ in ds.x.skipped) == ["b.jpg", "g.png"]
+    assert not any(p.endswith(("b.jpg", "g.png")) for p in ds.x.paths)
+    assert ds.y.tolist() == [0, 0, 1, 1, 2]  # cat a, c; dog d, e; eel f
+    assert ds.x.load(range(5), torch.Generator().manual_seed(0)).shape == (5, 3, S, S)  # what is left decodes
+
+
+def test_a_clean_check_is_remembered_until_a_file_changes(folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import kdflow.data.folder as folder_module
+
+    load_dataset("image_folder", "train", root=str(folder), image_size=S)
+    assert len(list((tmp_path / "cache" / "image-checks").glob("*.json"))) == 1
+    decoded = []
+    monkeypatch.setattr(folder_module, "decode_problem", lambda p: decoded.append(p))
+    load_dataset("image_folder", "train", root=str(folder), image_size=S)
+    assert decoded == []  # remembered: nothing decoded again
+    (folder / "train" / "dog" / "d.jpeg").write_bytes(b"replaced")
+    load_dataset("image_folder", "train", root=str(folder), image_size=S)
+    assert len(decoded) == 7  # a changed file: the whole split is checked again
+
+
+def test_bad_image_runs_at_the_cli(broken: Path, tmp_path: Path, capsys) -> None:
+    from kdflow.cli import main
+
+    recipe = {
+        "name": "bad-images",
+        "data": {"name": "image_folder", "root": str(broken), "options": {"image_size": S}},
+        "nodes": {"student": {"arch": "mlp", "args": {"hidden": [8]}}},
+        "method": "ce",
+        "train": {"epochs": 1, "batch_size": 2},
+    }
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(path), "--out", str(tmp_path / "stop"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: data: image_folder: 2 of 7 images") and not (tmp_path / "stop").exists()
+
+    out = tmp_path / "skip"
+    assert main(["train", str(path), "--out", str(out), "--no-progress", "--set", "data.options.bad_images=skip"]) == 0
+    assert "left out 2 train images that do not decode" in capsys.readouterr().out
+    skipped = json.loads((out / "data.json").read_text())["skipped_images"]
+    assert sorted(Path(s["file"]).name for s in skipped["train"]) == ["b.jpg", "g.png"] and skipped["test"] == []
+
+    # unchecked: no check before training; the bad file stops the run when its batch is decoded, in one line
+    assert main(["train", str(path), "--out", str(tmp_path / "late"), "--no-progress",
+                 "--set", "data.options.bad_images=unchecked"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.match(r"error: data: image_folder: cannot decode \S+(b\.jpg|g\.png): ", err[0]), err

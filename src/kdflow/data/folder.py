@@ -18,12 +18,22 @@ threads) into uint8 B×3×S×S:
   Resize(256)), then centre-crop S×S (224: Resize(256) + CenterCrop(224)).
 
 Horizontal flips and normalisation are left to the batched `kdflow.data.augment.augment_batch`.
+
+Bad images (`bad_images`): by default every image of the split is decoded once (JPEGs at reduced scale)
+before training starts, and a file that does not decode stops the run with one line naming it
+(`error`); `skip` leaves such files out and counts them (the engine writes them to data.json);
+`unchecked` skips the check (a bad file then stops the run when its batch is decoded). A clean check is
+remembered in $KDFLOW_CACHE/image-checks (default .kdflow-cache), keyed by every file's path, size and
+modification time, so a folder is checked once.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 import os
+import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,10 +41,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from kdflow.data.base import ArrayDataset, DatasetError, register_dataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+BAD_IMAGES = ("error", "skip", "unchecked")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _LAYOUT = (
@@ -167,6 +179,45 @@ def _open_rgb(path: str) -> Image.Image:
         raise DatasetError(f"image_folder: cannot decode {path}: {type(e).__name__}: {e}") from None
 
 
+def decode_problem(path: str) -> str | None:
+    """Why `path` does not decode as an image (None when it does). JPEGs are decoded at reduced scale
+    (every byte is still read, so a truncated file is found) to keep the check cheap."""
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (64, 64))
+            im.load()
+        return None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def _check_record(paths: list[str]) -> Path:
+    """Where a clean check of these files is remembered: a key over every path, size and mtime."""
+    digest = hashlib.sha256()
+    for p in paths:
+        st = os.stat(p)
+        digest.update(f"{os.path.abspath(p)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return Path(os.environ.get("KDFLOW_CACHE") or ".kdflow-cache") / "image-checks" / f"{digest.hexdigest()[:32]}.json"
+
+
+def find_bad_images(paths: list[str], what: str) -> list[tuple[str, str]]:
+    """(path, problem) for each file of `paths` that does not decode; a clean result is remembered."""
+    record = _check_record(paths)
+    if record.is_file():
+        return []
+    with ThreadPoolExecutor(max_workers=decode_threads()) as pool:
+        problems = list(tqdm(pool.map(decode_problem, paths), total=len(paths), desc=f"checking {what}",
+                             leave=False, disable=not sys.stderr.isatty() or len(paths) < 1000))
+    bad = [(p, why) for p, why in zip(paths, problems) if why is not None]
+    if not bad:
+        try:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps({"images": len(paths), "checked": "all decode"}) + "\n")
+        except OSError:
+            pass  # a read-only cache only means checking again next time
+    return bad
+
+
 class ImageFolderSource:
     """One split of an image folder: file paths and labels, decoded to uint8 tensors on demand by `load`.
 
@@ -187,6 +238,30 @@ class ImageFolderSource:
         self.image_size = image_size
         self.classes, self.paths, labels = _scan(self.root, split)
         self.labels = torch.tensor(labels, dtype=torch.int64)
+        self.skipped: list[tuple[str, str]] = []  # (path, problem) of the files `drop_bad_images` left out
+
+    def drop_bad_images(self, bad_images: str = "error") -> ImageFolderSource:
+        """Decode every image once (`bad_images`: error | skip | unchecked, see the module docstring)."""
+        if bad_images not in BAD_IMAGES:
+            raise DatasetError(f"image_folder: bad_images must be one of {', '.join(BAD_IMAGES)}, not {bad_images!r}")
+        if bad_images == "unchecked":
+            return self
+        where = self.root / self.split
+        bad = find_bad_images(self.paths, f"{len(self)} images in {where}")
+        if not bad:
+            return self
+        if bad_images == "error":
+            path, why = bad[0]
+            raise DatasetError(
+                f"image_folder: {len(bad)} of {len(self)} images in {where} do not decode, e.g. {path} ({why}); "
+                "remove or replace them, or set data.options.bad_images: skip to leave them out (counted in data.json)"
+            )
+        broken = {p for p, _ in bad}
+        out = self.subset([i for i, p in enumerate(self.paths) if p not in broken])
+        if not len(out):
+            raise DatasetError(f"image_folder: none of the {len(self)} images in {where} decode, e.g. {bad[0][0]} ({bad[0][1]})")
+        out.skipped = bad
+        return out
 
     @property
     def train(self) -> bool:
@@ -259,18 +334,21 @@ class ImageFolderSource:
 
 
 @register_dataset("image_folder")
-def image_folder(split: str, root: str | os.PathLike | None = None, *, image_size: int = 224) -> ArrayDataset:
+def image_folder(
+    split: str, root: str | os.PathLike | None = None, *, image_size: int = 224, bad_images: str = "error"
+) -> ArrayDataset:
     """An ImageNet-style folder (see the module docstring); ``x`` is an `ImageFolderSource`, not a tensor.
 
     Split ``train`` reads ``<root>/train``, ``test`` reads ``<root>/val``. Root defaults to
     $KDFLOW_IMAGE_FOLDER. Images come out as uint8 3×image_size×image_size; mean/std are ImageNet's.
+    `bad_images`: error (default) | skip | unchecked, see the module docstring.
     """
     if split not in ("train", "test"):
         raise DatasetError(f"split must be 'train' or 'test', not {split!r}")
     base = root if root is not None else os.environ.get("KDFLOW_IMAGE_FOLDER")
     if not base:
         raise DatasetError(f"image_folder: no root given; {_LAYOUT}")
-    source = ImageFolderSource(base, "train" if split == "train" else "val", image_size)
+    source = ImageFolderSource(base, "train" if split == "train" else "val", image_size).drop_bad_images(bad_images)
     return ArrayDataset(
         "image_folder",
         x=source,  # type: ignore[arg-type]  # decoded batch by batch, see ImageFolderSource.load

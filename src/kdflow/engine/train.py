@@ -112,8 +112,11 @@ def load_data(recipe: Recipe) -> tuple[ArrayDataset, ArrayDataset | None, ArrayD
         raise RecipeError(f"data: {e}") from None
     except TypeError as e:
         raise RecipeError(f"data.options: {e}") from None
-    train, test = subset(train, d.limit, recipe.seed), subset(test, d.test_limit, recipe.seed + 1)
     record: dict = {}
+    skipped = {split: getattr(ds.x, "skipped", []) for split, ds in (("train", train), ("test", test))}
+    if any(skipped.values()):  # image files that do not decode, left out under data.options.bad_images: skip
+        record["skipped_images"] = {split: [{"file": f, "problem": why} for f, why in bad] for split, bad in skipped.items()}
+    train, test = subset(train, d.limit, recipe.seed), subset(test, d.test_limit, recipe.seed + 1)
     if d.imbalance is not None:
         keep = imbalance_indices(train.y, train.num_classes, d.imbalance.kind, d.imbalance.ratio, d.imbalance.seed)
         train = select(train, keep)
@@ -508,6 +511,8 @@ def train(
         torch.set_num_threads(recipe.train.threads)
     try:
         return _train(recipe, out_dir, resume, progress, callbacks, log)
+    except DatasetError as e:  # an image that does not decode in a batch (data.options.bad_images: unchecked)
+        raise RecipeError(f"data: {e}") from None
     finally:
         torch.set_num_threads(threads)
 
@@ -542,6 +547,9 @@ def _train(
     stages = flow.stages
     for note in flow.notes:
         log(note)
+    for split, bad in data_record.get("skipped_images", {}).items():
+        if bad:
+            log(f"data: left out {len(bad)} {split} images that do not decode (data.bad_images: skip), e.g. {bad[0]['file']}; data.json lists them")
     if dist_info.main:
         _write_run_header(out, recipe, device, resume)
         write_data_record(out, data_record)

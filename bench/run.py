@@ -511,12 +511,8 @@ def section_ddp(b: Bench) -> None:
 
 
 def compile_flow(loop: W.EngineLoop) -> None:
-    """torch.compile every node this stage runs, by giving its tap recorder the compiled module (the flow's
-    `models` keep the originals, whose parameters the optimizers hold). Not through `flow.runners`: the tap
-    recorder calls `(runner or model)(x)`, and a compiled module cannot be truth-tested (its `__len__` raises)."""
-    for node in loop.recipe.nodes:
-        if loop.recipe.is_used(node, loop.stage):
-            loop.flow.recorders[node].model = torch.compile(loop.flow.models[node])
+    """torch.compile every node, as the engine's `train.compile: true` does (`Flow.compile_nodes`)."""
+    loop.flow.compile_nodes()
 
 
 def section_options(b: Bench) -> None:

@@ -157,3 +157,27 @@ def test_examples_run(example: str) -> None:
     done = subprocess.run([sys.executable, str(ROOT / "examples" / example)], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip()
+
+
+def test_channels_last_switch_gives_the_same_loss_and_gradients_in_nhwc() -> None:
+    """Distiller(channels_last=True): the nodes' and helpers' 4-D weights and the inputs in NHWC, the same
+    total loss and gradients as NCHW (within float rounding), the parameters the user's optimizer holds kept."""
+    def make(channels_last: bool) -> tuple[kdflow.Distiller, TinyResNet]:
+        torch.manual_seed(0)
+        t, s = TinyResNet(16), TinyResNet(4)
+        graph = kdflow.methods.fitnet(teacher=t, student=s, teacher_tap="layer3", student_tap="layer3")
+        return kdflow.Distiller(graph, example_inputs=batch(2)[0], channels_last=channels_last), s
+
+    (nchw, s1), (nhwc, s2) = make(False), make(True)
+    held = list(s2.parameters())
+    assert all(p is q for p, q in zip(held, nhwc.parameters_of("student")))
+    assert s2.layer2.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    conv = [m for m in nhwc.flow.connectors.modules() if isinstance(m, nn.Conv2d)]  # FitNet's regressor
+    assert conv and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in conv)
+    assert not s1.layer2.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    a, b = nchw(*batch()), nhwc(*batch())
+    assert b.total.item() == pytest.approx(a.total.item(), rel=1e-5)
+    a.total.backward()
+    b.total.backward()
+    for (name, p), q in zip(s1.named_parameters(), s2.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), name

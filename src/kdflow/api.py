@@ -78,6 +78,10 @@ class Distiller(nn.Module):
     VID/CRD/ReviewKD modules): they are built from the taps' shapes, before you create the optimizer.
     `num_data` (the training set's size), `train_labels` (its labels, by sample index) and `indices` in the
     call are for CRD's memory bank and its negatives from the other classes.
+    `channels_last=True` puts every node and helper, and each 4-D input batch, in the NHWC memory format,
+    as the engine does by default (1.3-1.8× faster steps on this project's CPU benchmarks,
+    docs/benchmarks.md); off by default here because a model of yours that calls `.view` on a
+    feature map needs `.reshape` under it.
     """
 
     def __init__(
@@ -88,8 +92,10 @@ class Distiller(nn.Module):
         num_data: int = 0,
         stage: str | None = None,
         train_labels: torch.Tensor | None = None,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
+        self.channels_last = channels_last
         graph = dict(flow.graph)
         nodes = {n: {**f, "arch": f.get("arch", f"external:{type(flow.models[n]).__name__}")} for n, f in graph.get("nodes", {}).items() if n in flow.models}
         missing = [n for n in graph.get("nodes", {}) if n not in flow.models]
@@ -115,6 +121,7 @@ class Distiller(nn.Module):
         """The engine's graph for a recipe (models built from their `arch`), for a custom loop or a parity check."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
+        self.channels_last = recipe.train.channels_last
         torch.manual_seed(recipe.seed)
         self.flow = Flow(recipe, num_classes, input_shape, example_inputs, num_data=num_data, train_labels=train_labels)
         self._finish(None)
@@ -139,6 +146,8 @@ class Distiller(nn.Module):
             raise RecipeError(f"stage {stage!r}: the graph's stages are {', '.join(stages)}")
         self.stage = stage or self.flow.stages[0].name
         self.flow.set_stage_modes(self._stage)
+        if self.channels_last:
+            self.flow.to(memory_format=torch.channels_last)  # 4-D weights only; parameters keep their identity
 
     @property
     def _stage(self) -> StageSpec:
@@ -156,6 +165,8 @@ class Distiller(nn.Module):
         """Every node the stage needs runs once; returns the total loss, each term and the trainable nodes' logits.
 
         `epoch` drives scheduled weights (DKD's warm-up); `indices` are the samples' dataset indices (CRD)."""
+        if self.channels_last and inputs.dim() == 4:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
         return self.flow(inputs, labels, self._stage, epoch, indices)
 
     def train(self, mode: bool = True) -> "Distiller":

@@ -19,12 +19,13 @@ import torch.nn as nn
 from kdflow.checkpoint import read_model_file
 from kdflow.flow.errors import RecipeError
 from kdflow.flow.spec import Recipe, StageSpec
-from kdflow.teachers import resolve_checkpoint, sha256_of
 
 _hashes: dict[tuple[str, int, int], str] = {}  # (path, mtime_ns, size) -> sha256: each file is hashed once
 
 
 def file_sha256(path: Path) -> str:
+    from kdflow.teachers import sha256_of  # kdflow.teachers imports the engine
+
     st = path.stat()
     key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
     if key not in _hashes:
@@ -34,6 +35,8 @@ def file_sha256(path: Path) -> str:
 
 def settled_files(recipe: Recipe, stages: list[StageSpec], stage_index: int, out: Path) -> dict[str, Path]:
     """The settled nodes from stage `stage_index` on, each with the file that holds its weights."""
+    from kdflow.teachers import resolve_checkpoint  # kdflow.teachers imports the engine
+
     later = {n for s in stages[stage_index:] for n in s.train}
     earlier = {n for s in stages[:stage_index] for n in s.train}
     files = {}

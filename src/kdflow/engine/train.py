@@ -540,6 +540,11 @@ def _train(
     if recipe.train.channels_last and sample.dim() == 4:
         flow = flow.to(memory_format=torch.channels_last)
     flow.autocast_dtype = AUTOCAST[recipe.train.precision]
+    if recipe.train.compile:
+        if dist_info.enabled:
+            raise RecipeError("train.compile: not under torchrun yet (each node runs through DistributedDataParallel); turn it off")
+        flow.compile_nodes()
+        log("train.compile: each node compiles on its first steps, so epoch 1's time_s includes compilation")
     _check_batch_size(recipe, train_set)  # after the graph's own checks, before the run directory is written
     scaler = torch.amp.GradScaler(device.type) if recipe.train.precision == "fp16" else None
     train_set, test_set = to_device(train_set, device), to_device(test_set, device)

@@ -165,7 +165,15 @@ class Flow(nn.Module):
         self.models.eval()
         with torch.no_grad():
             for node, rec in self.recorders.items():
-                for tap, value in rec.run(sample).items():
+                try:
+                    out = rec.run(sample)
+                except (RuntimeError, ValueError) as e:  # a model that does not take the data's inputs (too small)
+                    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    raise RecipeError(
+                        f"nodes.{node}: {self.recipe.nodes[node].arch} cannot run on the data's inputs "
+                        f"of shape {tuple(sample.shape[1:])}: {first}"
+                    ) from None
+                for tap, value in out.items():
                     shapes[f"{node}.{tap}"] = tuple(value.shape[1:])
                     values[f"{node}.{tap}"] = value
         for n, m in self.models.items():
@@ -208,6 +216,10 @@ class Flow(nn.Module):
         except (RuntimeError, ValueError) as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise RecipeError(f"{self.where(i)}: criterion {t.criterion!r} cannot compare these taps: {first}") from None
+        except (TypeError, ArithmeticError) as e:  # a parameter's value the loss cannot compute with (an int beyond int64)
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            given = ", ".join(f"{k}={v!r}" for k, v in t.params.items())
+            raise RecipeError(f"{self.where(i)}: criterion {t.criterion!r} fails with its parameters ({given}): {first}") from None
 
     def _build_criterion(self, i: int, t: TransferSpec, tgt_shape, src_shape) -> nn.Module:
         src_node, src_tap = split_tap(t.sources[0])
@@ -246,6 +258,14 @@ class Flow(nn.Module):
         for helper in self.helpers_of(node):
             params += list(helper.parameters())
         return params
+
+    def compile_nodes(self) -> list[str]:
+        """torch.compile every node's forward (`train.compile`): each tap recorder calls the compiled module,
+        while `models` keep the originals (their parameters, state dicts and optimizers are unchanged).
+        Compilation happens on a node's first calls, in train and in eval mode; returns the nodes."""
+        for node, recorder in self.recorders.items():
+            recorder.model = torch.compile(self.models[node])
+        return list(self.recorders)
 
     def set_stage_modes(self, stage: StageSpec) -> None:
         """Training nodes (and their helpers) in train mode with gradients; every other node eval, frozen.

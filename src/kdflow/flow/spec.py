@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kdflow.flow import criteria_bss, criteria_builtin, criteria_features, criteria_modules  # noqa: F401  (fill the registry)
+from kdflow.flow.arguments import argument_error
 from kdflow.flow.criteria import CRITERIA
 
 
@@ -162,6 +163,9 @@ class TransferSpec(Strict):
                 raise ValueError(
                     f"unknown field {key!r}: criterion {self.criterion!r} takes {', '.join(crit.params) or 'no parameters'}"
                 )
+            problem = argument_error(crit.fn, key, self.params[key])
+            if problem:
+                raise ValueError(f"{problem} (criterion {self.criterion!r})")
         grouped = isinstance(self.to, GroupSpec) and isinstance(self.source, GroupSpec)
         if crit.grouped != grouped:
             need = "takes" if crit.grouped else "does not take"
@@ -216,6 +220,9 @@ class SuperviseSpec(Strict):
         for key in self.params:
             if key not in allowed:
                 raise ValueError(f"unknown field {key!r}: loss {self.loss!r} takes {', '.join(allowed) or 'no parameters'}")
+            problem = argument_error(SUPERVISION[self.loss].fn, key, self.params[key])
+            if problem:
+                raise ValueError(f"{problem} (loss {self.loss!r})")
         for key in PROBABILITIES & set(self.params):
             _check_probability(key, self.params[key])
         return self
@@ -258,6 +265,7 @@ class TrainSpec(Strict):
     channels_last: bool = True  # NHWC memory format for image models: 1.3-1.8× faster here (docs/benchmarks.md)
     save_epochs: list[int] = []  # also keep nodes/NODE-epochE.pt after these epochs (ESKD's early teachers)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast for the forward passes; losses stay fp32
+    compile: bool = False  # torch.compile every node's forward (0.69× the eager step time here, docs/benchmarks.md §6)
     views: int | None = Field(None, ge=1)  # fixed augmented views per sample (replayable); None: fresh every epoch
     teacher_cache: TeacherCacheSpec = TeacherCacheSpec()  # needs views; views default to the stage's epochs
     # multi-process runs: training nodes' and their helpers' batch norms use the global batch's statistics
@@ -347,9 +355,11 @@ class Recipe(Strict):
             return data
         out = {}
         for name, node in nodes.items():
+            if isinstance(name, str) and (not name or "." in name):  # a tap is NODE.TAP, split at the first dot
+                raise ValueError(f"nodes: {name!r} cannot name a node; a node's name is not empty and has no '.'")
             ref = node.get("same_as") if isinstance(node, dict) else None
             if ref is not None:
-                if ref not in nodes or not isinstance(nodes[ref], dict) or nodes[ref].get("same_as"):
+                if not isinstance(ref, str) or ref not in nodes or not isinstance(nodes[ref], dict) or nodes[ref].get("same_as"):
                     raise ValueError(f"nodes.{name}.same_as: {ref!r} is not a node with its own arch")
                 node = {"arch": nodes[ref].get("arch"), "args": nodes[ref].get("args", {}), **node}
             out[name] = node

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -223,3 +224,44 @@ def test_bad_image_runs_at_the_cli(broken: Path, tmp_path: Path, capsys) -> None
                  "--set", "data.options.bad_images=unchecked"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.match(r"error: data: image_folder: cannot decode \S+(b\.jpg|g\.png): ", err[0]), err
+
+
+def test_batches_read_ahead_give_the_crops_of_loading_in_order(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lazy source is decoded one batch ahead in a thread (issue 14): the batches equal those of loading
+    each batch in turn with the same generators, and the next batch is being decoded while this one is used."""
+    from kdflow.data.loader import batches, load_inputs
+
+    ds = load_dataset("image_folder", "train", root=str(folder), image_size=S)
+    got = list(batches(ds, 3, torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)))
+    order, crops = torch.randperm(len(ds), generator=torch.Generator().manual_seed(1)), torch.Generator().manual_seed(2)
+    want = [order[:3], order[3:6]]  # 7 images: the trailing batch of one is dropped
+    assert [i.tolist() for _, _, i in got] == [i.tolist() for i in want]
+    for (x, y, _), idx in zip(got, want):
+        assert torch.equal(x, load_inputs(ds, idx, crops)) and torch.equal(y, ds.y[idx])
+
+    loads: list[int] = []
+    load = type(ds.x).load
+    monkeypatch.setattr(type(ds.x), "load", lambda self, idx, g=None: (loads.append(len(idx)), load(self, idx, g))[1])
+    it = batches(ds, 3, torch.Generator().manual_seed(1))
+    next(it)
+    deadline = time.monotonic() + 30
+    while len(loads) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert loads == [3, 3]  # the second batch was requested before the consumer asked for it
+    it.close()
+
+
+def test_an_image_folder_run_is_reproducible_with_reading_ahead(folder: Path, tmp_path: Path) -> None:
+    from kdflow.engine import train
+    from kdflow.engine.rundir import read_jsonl
+    from kdflow.flow import resolve
+
+    recipe = resolve({
+        "name": "folder-twice", "seed": 5,
+        "data": {"name": "image_folder", "root": str(folder), "options": {"image_size": S}, "augment": {"flip": True}},
+        "nodes": {"student": {"arch": "convnet_s"}}, "method": "ce", "train": {"epochs": 2, "batch_size": 3},
+    })
+    for name in ("a", "b"):
+        train(recipe, tmp_path / name, progress=False, log=lambda s: None)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("time_s", "images_per_sec")} for r in rows]  # noqa: E731
+    assert strip(read_jsonl(tmp_path / "a" / "metrics.jsonl")) == strip(read_jsonl(tmp_path / "b" / "metrics.jsonl"))

@@ -1,6 +1,7 @@
 """Whole-batch iteration over an in-memory split: seeded order, no per-sample Python work."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Iterator
 
@@ -67,7 +68,10 @@ def load_inputs(ds: ArrayDataset, idx: torch.Tensor, generator: torch.Generator 
     `generator`)."""
     if isinstance(ds.x, torch.Tensor):
         return ds.x[idx]
-    return ds.x.load(idx.tolist(), generator).to(ds.y.device)
+    x = ds.x.load(idx.tolist(), generator)
+    if ds.y.device.type == "cuda":  # from page-locked memory, the copy overlaps the device's work
+        return x.pin_memory().to(ds.y.device, non_blocking=True)
+    return x.to(ds.y.device)
 
 
 def batches(
@@ -77,15 +81,28 @@ def batches(
     load_generator: torch.Generator | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(x, y, sample indices) batches; shuffled by `generator` when given. A trailing batch of one is dropped
-    (batch norm cannot train on it). `load_generator` drives a lazy source's random crops."""
+    (batch norm cannot train on it). `load_generator` drives a lazy source's random crops.
+
+    A lazy source (decoded from files) is read one batch ahead in a background thread, so decoding the
+    next batch overlaps the work on this one. Batches are loaded one after another in order, so the
+    crops are those of loading without prefetch, provided nothing else draws from `load_generator`
+    meanwhile (give it a generator of its own)."""
     n = len(ds)
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     order = order.to(ds.y.device)
-    for start in range(0, n, batch_size):
-        idx = order[start : start + batch_size]
-        if generator is not None and idx.numel() < 2:
-            break
-        yield load_inputs(ds, idx, load_generator), ds.y[idx], idx
+    chunks = [order[start : start + batch_size] for start in range(0, n, batch_size)]
+    if generator is not None and chunks and chunks[-1].numel() < 2:
+        chunks.pop()
+    if isinstance(ds.x, torch.Tensor):
+        for idx in chunks:
+            yield load_inputs(ds, idx, load_generator), ds.y[idx], idx
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        ahead = pool.submit(load_inputs, ds, chunks[0], load_generator) if chunks else None
+        for k, idx in enumerate(chunks):
+            x = ahead.result()
+            ahead = pool.submit(load_inputs, ds, chunks[k + 1], load_generator) if k + 1 < len(chunks) else None
+            yield x, ds.y[idx], idx
 
 
 def num_batches(n: int, batch_size: int, shuffled: bool) -> int:

@@ -243,7 +243,8 @@ def train_epoch(
     bar = Progress(steps, f"{stage.name} {epoch + 1}/{stage.epochs}", progress)
     start = time.perf_counter()
     last_update = 0
-    for step, (xb, yb, idx) in enumerate(batches(train_set, bs, order_gen, aug_gen)):
+    crop_gen = seeded_generator(recipe.seed, stage_index, epoch, 2)  # a lazy source's crops, drawn ahead of the steps
+    for step, (xb, yb, idx) in enumerate(batches(train_set, bs, order_gen, crop_gen)):
         factor = lr_factor(recipe.train.schedule, epoch + (step + 1) / steps, stage.epochs)
         for node, opt in optimizers.items():
             for group in opt.param_groups:

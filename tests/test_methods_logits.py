@@ -14,7 +14,7 @@ import torch
 from conftest import SYNTH, make_teacher
 from kdflow.engine import train
 from kdflow.flow import resolve
-from kdflow.flow.criteria_bss import BSSLoss, bss_attack, bss_weights, draw_target_classes, select_base_samples
+from kdflow.flow.criteria_bss import BSSLoss, attack_and_teacher_logits, bss_attack, bss_weights, draw_target_classes, select_base_samples
 from kdflow.flow.graph import Flow
 from kdflow.methods import METHODS, method_graph
 
@@ -363,6 +363,36 @@ def test_bss_attack_step_is_the_margin_times_the_unit_gradient() -> None:
     assert torch.allclose(bss_attack(teacher, x, base, k, steps=4, step_size=50.0), one)
     assert torch.equal(bss_attack(teacher, x, k, base, steps=4, step_size=50.0), x)  # "base" not predicted: untouched
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_bss_attack_runs_the_teacher_only_on_samples_still_moving(tmp_path: Path) -> None:
+    """The attack with a shrinking batch (issue 14) equals the attack written out on the whole batch every
+    step, and so do the teacher's logits on the result, while the teacher sees fewer samples."""
+    flow, x, y = bss_setup(tmp_path)
+    teacher = flow.models["teacher"].eval()
+    with torch.no_grad():
+        z = teacher(x)
+    idx = select_base_samples(z, z, y, 64)
+    torch.manual_seed(0)
+    k, base, x0 = draw_target_classes(z[idx]), y[idx], x[idx]
+    eta = 100.0  # this random teacher's margins are flat: samples cross at steps 2 to 10 (and one never)
+    adv = x0.clone()
+    for _ in range(10):  # the algorithm on the whole batch, every step
+        a = adv.clone().requires_grad_(True)
+        zz = teacher(a)
+        margin = zz.gather(1, base.unsqueeze(1)).squeeze(1) - zz.gather(1, k.unsqueeze(1)).squeeze(1)
+        (g,) = torch.autograd.grad(margin.sum(), a)
+        moving = (zz.argmax(1) == base).float()
+        adv = adv - (eta * (margin.detach() + 1e-4) / g.flatten(1).norm(dim=1) * moving).view(-1, 1, 1, 1) * g
+    with torch.no_grad():
+        want_logits = teacher(adv)
+    seen: list[int] = []
+    hook = teacher.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    got, logits = attack_and_teacher_logits(teacher, x0, base, k, steps=10, step_size=eta)
+    hook.remove()
+    assert torch.allclose(got, adv, atol=1e-5) and torch.allclose(logits, want_logits, atol=1e-4)
+    # the batch shrinks as samples cross: 10, 10, 8, 4, ... rather than 10 every step and a final 10
+    assert sum(seen) < 10 * len(idx) and seen == sorted(seen, reverse=True) and seen[-1] < len(idx), seen
 
 
 def test_bss_teacher_stays_frozen_through_a_training_step(tmp_path: Path) -> None:

@@ -105,27 +105,58 @@ def bss_attack(
     The teacher runs as it is (the caller puts it in eval mode); only the input is differentiated.
     Returns the perturbed inputs, detached.
     """
+    return attack_and_teacher_logits(teacher, x, base, target_class, steps, step_size, max_norm)[0]
+
+
+def attack_and_teacher_logits(
+    teacher: nn.Module,
+    x: torch.Tensor,
+    base: torch.Tensor,
+    target_class: torch.Tensor,
+    steps: int = 10,
+    step_size: float = 0.3,
+    max_norm: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`bss_attack`'s samples and the teacher's logits on them, with no work the attack does not need: a
+    sample that has crossed never moves again, so it leaves the batch the teacher is run on, and its logits
+    are those of the step that found it across; only samples moved by the last step need one more forward.
+    (In eval mode every sample's output is its own, so running the teacher on fewer samples changes nothing.)"""
     x0 = x.detach()
     adv = x0.clone()
     shape = (-1,) + (1,) * (x0.dim() - 1)
+    logits: torch.Tensor | None = None
+    active = torch.arange(x0.shape[0], device=x0.device)
+    moved_last = False
     for _ in range(steps):
-        adv.requires_grad_(True)
+        a = adv[active].requires_grad_(True)
+        b, k = base[active], target_class[active]
         with torch.enable_grad():
-            z = teacher(adv)
-            margin = z.gather(1, base.unsqueeze(1)).squeeze(1) - z.gather(1, target_class.unsqueeze(1)).squeeze(1)
-            (grad,) = torch.autograd.grad(margin.sum(), adv)
-        adv = adv.detach()
-        moving = z.detach().argmax(dim=1) == base
-        if not moving.any():
+            z = teacher(a)
+            margin = z.gather(1, b.unsqueeze(1)).squeeze(1) - z.gather(1, k.unsqueeze(1)).squeeze(1)
+            (grad,) = torch.autograd.grad(margin.sum(), a)
+        z = z.detach()
+        if logits is None:
+            logits = z.new_empty((x0.shape[0], z.shape[1]))
+        moving = z.argmax(dim=1) == b
+        logits[active[~moving]] = z[~moving]  # across: these samples and their logits are final
+        moved_last = bool(moving.any())
+        if not moved_last:
             break
+        grad, m, start = grad[moving], margin.detach()[moving], a.detach()[moving]
+        active = active[moving]
         norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
-        scale = step_size * (margin.detach() + MARGIN_EPS) / norm * moving.to(grad.dtype)
-        adv = adv - scale.view(shape) * grad
+        step = start - (step_size * (m + MARGIN_EPS) / norm).view(shape) * grad
         if max_norm is not None:
-            delta = adv - x0
+            delta = step - x0[active]
             d_norm = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
-            adv = x0 + delta * (max_norm / d_norm).clamp(max=1.0).view(shape)
-    return adv.detach()
+            step = x0[active] + delta * (max_norm / d_norm).clamp(max=1.0).view(shape)
+        adv[active] = step
+    with torch.no_grad():
+        if logits is None:  # no step at all (steps = 0)
+            logits = teacher(adv)
+        elif moved_last:  # the samples the last step moved
+            logits[active] = teacher(adv[active])
+    return adv.detach(), logits
 
 
 @dataclass
@@ -179,9 +210,9 @@ class BSSLoss(nn.Module):
         try:
             target_class = draw_target_classes(teacher_logits[idx])
             base = target[idx]
-            adv = bss_attack(teacher, x[idx], base, target_class, self.attack_steps, self.step_size, self.max_norm)
-            with torch.no_grad():
-                teacher_adv = teacher(adv)
+            adv, teacher_adv = attack_and_teacher_logits(
+                teacher, x[idx], base, target_class, self.attack_steps, self.step_size, self.max_norm
+            )
         finally:
             teacher.train(was_training)
         student_adv = student(adv)

@@ -4,7 +4,9 @@ Keyed by the teacher's weights (a SHA-256 of its state dict), the data set and i
 augmentation, the number of views, the seed and the storage format, so every epoch and every
 run that uses the same teacher on the same views reads it instead of running the teacher. The
 file is written to a temporary name and renamed; a sidecar JSON holds its SHA-256, checked when
-the cache is opened: a stale or corrupted file is rebuilt, never used.
+the cache is opened: a stale or corrupted file is rebuilt, never used. A build holds an flock on
+DIGEST.lock: builders of one cache take turns (the one that waited finds it built), and the
+temporary files of a build that was killed are removed by the next build.
 Storage: float16 (default) or float32 logits, N×V×C; or the top-k logits and their class indices
 (exact when k is the number of classes; otherwise the other classes get the k-th largest logit
 minus log(k·C), a documented approximation).
@@ -14,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +31,11 @@ from kdflow.data.loader import load_inputs
 from kdflow.data.views import ViewTable, apply_views
 from kdflow.engine.rundir import write_text_atomic
 from kdflow.flow.taps import model_logits
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: builds do not take turns, and a killed build's temporary files stay
+    fcntl = None
 
 
 def state_hash(model: nn.Module) -> str:
@@ -46,6 +55,25 @@ def file_sha256(paths: list[Path]) -> str:
             for block in iter(lambda: f.read(1 << 22), b""):
                 h.update(block)
     return h.hexdigest()
+
+
+@contextmanager
+def build_lock(path: Path) -> Iterator[bool]:
+    """Hold an exclusive flock on `path` (created if missing), waiting for it; yields whether it is held (False
+    where the platform or file system has no flock). The kernel releases it when its process dies, kill -9 too."""
+    if fcntl is None:
+        yield False
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # ENOLCK: a file system without locks
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # closing the only descriptor releases the lock
 
 
 class TeacherCache:
@@ -85,8 +113,23 @@ class TeacherCache:
         self, teacher: nn.Module, ds: ArrayDataset, table: ViewTable, batch_size: int, progress: bool,
         log: Callable[[str], None] = print,
     ) -> None:
-        """Run the teacher (eval, inference mode) on every view of every sample and store the logits."""
+        """Run the teacher (eval, inference mode) on every view of every sample and store the logits. Under the
+        cache's build lock: when another process built the cache meanwhile, it is opened instead; the temporary
+        files a killed build left (as large as the cache) are removed first."""
         self.dir.mkdir(parents=True, exist_ok=True)
+        with build_lock(self.dir / f"{self.digest}.lock") as locked:
+            if locked and self.open() == "ok":
+                log(f"teacher cache: {self.meta_path} was built by another process meanwhile")
+                return
+            if locked:  # every build of this cache holds the lock: these temporary files belong to no live build
+                for stale in self.dir.glob(f".{self.digest}.*.tmp"):
+                    stale.unlink(missing_ok=True)
+            self._build(teacher, ds, table, batch_size, progress, log)
+
+    def _build(
+        self, teacher: nn.Module, ds: ArrayDataset, table: ViewTable, batch_size: int, progress: bool,
+        log: Callable[[str], None],
+    ) -> None:
         n, v, c = len(ds), table.views, self.num_classes
         width = self.topk or c
         tmp = [f.with_name(f".{f.name}.{os.getpid()}.tmp") for f in self.files]

@@ -6,7 +6,8 @@ teacher failed). Finished runs (`done` in the store) are skipped, and so are fai
 `retry_failed`. With one worker everything runs in this process; with K > 1, K spawned worker
 processes each take one task at a time, with torch threads = max(1, cores // K). A worker that
 dies (a segfault, the OOM killer) costs its task one attempt: the task is retried once in a new
-worker, resuming from its last.pt, and then recorded as failed; the other tasks go on.
+worker, resuming from its last.pt, and then recorded as failed; the other tasks go on. A worker
+that dies while it waits for a task is replaced when it is given one.
 """
 
 from __future__ import annotations
@@ -130,9 +131,20 @@ class ProcessExecutor:
         return any(w["task"] is not None for w in self.workers)
 
     def submit(self, task: Task) -> None:
-        w = next(w for w in self.workers if w["task"] is None)
-        w["task"] = task
-        w["conn"].send(task)
+        i = next(i for i, w in enumerate(self.workers) if w["task"] is None)
+        try:
+            self.workers[i]["conn"].send(task)
+        except OSError:  # the worker died while it waited for a task (kill -9, the OOM killer): no attempt is lost
+            self._replace(i)
+            self.workers[i]["conn"].send(task)
+        self.workers[i]["task"] = task
+
+    def _replace(self, i: int) -> None:
+        """A new worker in place of worker i, which has died."""
+        w = self.workers[i]
+        w["conn"].close()
+        w["proc"].join(timeout=5)
+        self.workers[i] = self._start()
 
     def wait(self) -> list[Result]:
         busy = [w for w in self.workers if w["task"] is not None]
@@ -158,8 +170,7 @@ class ProcessExecutor:
                         },
                     )
                 )
-                w["conn"].close()
-                self.workers[i] = self._start()
+                self._replace(i)
         return done
 
     def close(self) -> None:

@@ -1,10 +1,14 @@
-"""Measuring on a shared CPU: interleaved repetitions, medians, peak RSS, and the machine line.
+"""Measuring on a shared machine: interleaved repetitions, medians, peak memory, and the machine line.
 
 Every comparison runs its variants in the same process, warm-up steps first (not timed), then
 repetitions interleaved A, B, A, B ... with the order rotated every round (A B C | B C A | ...)
 so that a slow drift of the machine's load falls on every variant alike. A repetition is `steps`
 steps timed as one block; a figure is the median over the repetitions. On the CPU every operation
-is synchronous, so the clock read after a step is the step's end.
+is synchronous, so the clock read after a step is the step's end. On CUDA kernels run
+asynchronously: `sync(device)` (torch.cuda.synchronize; nothing on the CPU) comes before every
+clock read around device work, so a block's time holds all the device work of its steps (the steps
+inside a block are not synchronised one by one: they queue as in `train_epoch`). The CUDA path is
+untested until a run on a GPU.
 
 The machine is shared. A repetition whose threads waited for a CPU (the kernel's run-queue delay
 of this process's threads, /proc/self/task/*/schedstat) longer than `CONTENDED` of its wall time
@@ -43,12 +47,31 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_line(threads: int | None = None) -> str:
-    """One line for above a table: CPU, cores, torch, threads, date, load average."""
+def as_device(device: torch.device | str | None) -> torch.device:
+    return torch.device("cpu") if device is None else torch.device(device)
+
+
+def device_label(device: torch.device | str | None) -> str:
+    """"CUDA" or "CPU": what the benchmark's headings say it ran on."""
+    return "CUDA" if as_device(device).type == "cuda" else "CPU"
+
+
+def gpu_text(device: torch.device | str) -> str:
+    """The GPU's name, memory and CUDA version (initialises CUDA)."""
+    d = as_device(device)
+    index = d.index if d.index is not None else torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    return (f"GPU {torch.cuda.get_device_name(index)} ({props.total_memory / 2**30:.0f} GiB, "
+            f"CUDA {torch.version.cuda}, device {index} of {torch.cuda.device_count()})")
+
+
+def machine_line(threads: int | None = None, device: torch.device | str | None = None) -> str:
+    """One line for above a table: the GPU on CUDA, CPU, cores, torch, threads, date, load average."""
     load = "/".join(f"{v:.1f}" for v in os.getloadavg())
     now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    gpu = f"{gpu_text(device)}; host " if as_device(device).type == "cuda" else ""
     return (
-        f"*Machine: {cpu_name()}, {os.cpu_count()} CPU cores ({platform.machine()}, {platform.system()}); "
+        f"*Machine: {gpu}{cpu_name()}, {os.cpu_count()} CPU cores ({platform.machine()}, {platform.system()}); "
         f"Python {platform.python_version()}, torch {torch.__version__}, "
         f"intra-op threads: {threads if threads is not None else torch.get_num_threads()}; "
         f"{now}; load average {load} (1/5/15 min).*"
@@ -56,7 +79,7 @@ def machine_line(threads: int | None = None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# memory: the resident set of this process (Linux /proc, no psutil)
+# memory: the resident set of this process (Linux /proc, no psutil); on CUDA the allocator's peak
 # ---------------------------------------------------------------------------------------------
 
 
@@ -92,9 +115,30 @@ def peak_rss_mib() -> float:
     return kb / 1024
 
 
+def reset_peak_cuda(device: torch.device | str) -> float:
+    """Reset CUDA's peak-allocation mark on `device`; returns the MiB allocated now (the baseline)."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device) / 2**20
+
+
+def peak_cuda_mib(device: torch.device | str) -> float:
+    """The most MiB the caching allocator has handed out on `device` since `reset_peak_cuda`
+    (torch.cuda.max_memory_allocated: tensors only, not the allocator's cached reserve)."""
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
 # ---------------------------------------------------------------------------------------------
 # timing
 # ---------------------------------------------------------------------------------------------
+
+
+def sync(device: torch.device | str | None) -> None:
+    """Wait for the device's queued work before a clock is read: torch.cuda.synchronize on a CUDA device,
+    nothing on the CPU (whose operations are synchronous)."""
+    if device is not None and as_device(device).type == "cuda":
+        torch.cuda.synchronize(as_device(device))
 
 
 def run_delay_s() -> float:
@@ -175,18 +219,33 @@ class Timing:
         return items / self.median
 
 
-def timed(fn: Callable[[], object], steps: int) -> tuple[float, float]:
-    """(seconds per step, run-queue wait per wall second) of `steps` calls of fn."""
+def timed(fn: Callable[[], object], steps: int, device: torch.device | str | None = None) -> tuple[float, float]:
+    """(seconds per step, run-queue wait per wall second) of `steps` calls of fn; on CUDA the device's
+    queue is drained before the clock starts and before it stops."""
+    sync(device)
     meter = Contention()
     t = time.perf_counter()
     for _ in range(steps):
         fn()
+    sync(device)
     return (time.perf_counter() - t) / steps, meter.cores()
+
+
+def warm_up(fn: Callable[[], object], steps: int, device: torch.device | str | None = None) -> list[float]:
+    """Seconds of each of `steps` warm-up calls of fn (each drained on CUDA, so none spills into what follows)."""
+    out = []
+    for _ in range(steps):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        out.append(time.perf_counter() - t)
+    return out
 
 
 def interleave(
     variants: dict[str, Callable[[], object]], warmup: int, reps: int, steps: int = 1, max_discard: int | None = None,
-    reverse_first: bool = False,
+    reverse_first: bool = False, device: torch.device | str | None = None,
 ) -> dict[str, Timing]:
     """Warm every variant up (`warmup` steps each, timed separately, not counted), then `reps` rounds of
     one repetition (`steps` steps) per variant, the order rotated by one every round (A B C | B C A | C A B ...:
@@ -194,13 +253,11 @@ def interleave(
     repetition waited for a CPU (other processes running) longer than `CONTENDED` of its time is discarded
     and run again, at most `max_discard` times (default: `reps`), and only while contended rounds do not
     outnumber clean ones by more than two (beyond that the load is persistent and re-running only costs time);
-    after that rounds are kept whatever the load."""
+    after that rounds are kept whatever the load. On a CUDA `device` every clock read waits for the device
+    (`sync`)."""
     out = {name: Timing(name) for name in variants}
     for name, fn in variants.items():
-        for _ in range(warmup):
-            t = time.perf_counter()
-            fn()
-            out[name].warmup_s.append(time.perf_counter() - t)
+        out[name].warmup_s += warm_up(fn, warmup, device)
     names = list(variants)
     budget = reps if max_discard is None else max_discard
     r = 0
@@ -208,7 +265,7 @@ def interleave(
     while done < reps:
         shift = (r + (1 if reverse_first else 0)) % len(names)
         order = names[shift:] + names[:shift]
-        got = {name: timed(variants[name], steps) for name in order}
+        got = {name: timed(variants[name], steps, device) for name in order}
         r += 1
         persistent = out[names[0]].discarded > done + 2  # more contended rounds than clean ones: re-running won't help
         if budget > 0 and not persistent and max(load for _, load in got.values()) > CONTENDED:

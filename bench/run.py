@@ -3,10 +3,24 @@ and the channels_last / torch.compile / bf16 measurements, written to docs/bench
 
     python bench/run.py                 # the full benchmark (about 15 minutes on a 2-core CPU)
     python bench/run.py --quick --out /tmp/b.md   # a tiny version, for smoke tests
+    python bench/run.py --device cuda   # on a GPU: the same sections, written to docs/benchmarks-gpu.md
 
 Every figure is a ratio or a throughput measured side by side in one process and one run: warm-up
 steps first (not counted), then repetitions interleaved A, B, A, B ... and the median. See
 bench/harness.py (timing, memory) and bench/workloads.py (what runs).
+
+Device (`--device auto|cpu|cuda`, default auto: cuda where torch.cuda.is_available(), else cpu): the
+flows, the pre-made batches, the data set (`to_device`, as `train` does) and the teacher cache's
+lookups live on it, and on CUDA every clock read around device work first waits for the GPU
+(`harness.sync`). The title and every section heading say "(CPU)" or "(CUDA)", the machine line
+above every table names the GPU on CUDA, and `--out` defaults to docs/benchmarks.md on the CPU and
+docs/benchmarks-gpu.md on CUDA, so a GPU run never overwrites the CPU tables. On CUDA:
+sections 1-3, 6 and 7 are measured as on the CPU; section 4 reports the growth of
+torch.cuda.max_memory_allocated (its peak reset before each method) instead of the resident set;
+section 5 (DDP with gloo processes against intra-op threads: CPU data parallelism) is skipped
+with a line saying so (a GPU version needs ≥ 2 GPUs and is not written). The *wait for a CPU*
+figures (/proc) and `--threads` stay, about the host process. The CUDA path is untested until a run
+on a GPU: only the CPU path has been run (tests/test_bench.py runs `--quick --device cpu`).
 """
 from __future__ import annotations
 
@@ -28,7 +42,8 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import workloads as W
-from harness import CONTENDED, interleave, load_note, machine_line, ms, paired_spread, pct, ratio, table, wait_for_quiet
+from harness import (CONTENDED, device_label, interleave, load_note, machine_line, ms, paired_spread, pct, ratio, sync,
+                     table, wait_for_quiet)
 
 from kdflow.data.augment import augment_batch
 from kdflow.data.loader import batches, seeded_generator
@@ -75,6 +90,7 @@ class Bench:
     cfg: dict
     tmp: Path
     quick: bool
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     ckpts: dict = field(default_factory=dict)
     data_paths: dict = field(default_factory=dict)
     results: dict = field(default_factory=dict)
@@ -87,7 +103,26 @@ class Bench:
         if key not in self.ckpts:
             self.ckpts[key] = W.make_checkpoints(pair, self.tmp)
             self.data_paths[key] = W.make_data(pair, self.cfg["batches"][key], self.ckpts[key], self.tmp / f"{key}-data.pt")
-        return pair, self.ckpts[key], W.load_data(pair, self.data_paths[key])
+        return pair, self.ckpts[key], W.load_data(pair, self.data_paths[key], self.device)
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def label(self) -> str:
+        """"CUDA" or "CPU", in the title and every section heading."""
+        return device_label(self.device)
+
+    def engine(self, *args, **kwargs) -> W.EngineLoop:
+        """`workloads.engine` on this run's device."""
+        return W.engine(*args, device=self.device, **kwargs)
+
+    def machine(self) -> str:
+        return machine_line(device=self.device)
+
+    def heading(self, title: str) -> None:
+        self.emit(f"## {title} ({self.label})\n")
 
     def retries(self, reps: int) -> int:
         """How many contended rounds a measurement of `reps` rounds may re-run."""
@@ -126,7 +161,7 @@ def epoch_comparison(b: Bench, pair: W.Pair, ck: dict, data: W.PairData, reps: i
     """The real `train_epoch` (batching and augmentation included) against a hand-written epoch over the same
     batching and augmentation functions; per-epoch timings and the number of steps in an epoch."""
     log("overhead: train_epoch() vs a hand-written epoch")
-    ep = W.engine(pair, "kd", ck, data)
+    ep = b.engine(pair, "kd", ck, data)
     ds, recipe, stage, bs = data.ds, ep.recipe, ep.stage, pair.batch
     aug = recipe.data.augment
     hand = W.HandKD(ep.flow.models["teacher"], ep.flow.models["student"], recipe, stage, data.batches)
@@ -142,7 +177,8 @@ def epoch_comparison(b: Bench, pair: W.Pair, ck: dict, data: W.PairData, reps: i
             hand.step_on(x, yb, (step + 1) / n_steps)
 
     b.quiet()
-    return interleave({"hand": hand_epoch, "kdflow": real_epoch}, 1, reps, 1, max_discard=b.retries(reps)), n_steps
+    return interleave({"hand": hand_epoch, "kdflow": real_epoch}, 1, reps, 1, max_discard=b.retries(reps),
+                      device=b.device), n_steps
 
 
 def section_overhead(b: Bench) -> None:
@@ -154,12 +190,12 @@ def section_overhead(b: Bench) -> None:
         pair, ck, data = b.pair_setup(key)
         bs = pair.batch
         log(f"overhead: {key}: kdflow step vs hand-written loop")
-        kd = W.engine(pair, "kd", ck, data)
-        kd_lean = W.engine(pair, "kd", ck, data, bookkeeping=False)
+        kd = b.engine(pair, "kd", ck, data)
+        kd_lean = b.engine(pair, "kd", ck, data, bookkeeping=False)
         hand = W.HandKD(kd.flow.models["teacher"], kd.flow.models["student"], kd.recipe, kd.stage, data.batches)
         b.quiet()
         res = interleave({"hand": hand.step, "kdflow": kd.step, "lean": kd_lean.step}, w, r, k,
-                         max_discard=b.retries(r))
+                         max_discard=b.retries(r), device=b.device)
         timings += res.values()
         h, t, lean = res["hand"], res["kdflow"], res["lean"]
         over, q = 100 * (ratio(t, h) - 1), paired_spread(t, h)
@@ -191,8 +227,8 @@ def section_overhead(b: Bench) -> None:
         ]
         notes.append(f"{pair.key} epochs ({n_steps} batches of {bs}): 1 warm-up epoch, then {er} interleaved epochs, "
                      "shown per step")
-    b.emit("## 1. Engine overhead: a kdflow KD step against a hand-written PyTorch loop\n")
-    b.emit(machine_line())
+    b.heading("1. Engine overhead: a kdflow KD step against a hand-written PyTorch loop")
+    b.emit(b.machine())
     b.emit(
         "\nWorkload: Hinton KD (τ = 4, 0.1·CE + 0.9·KD) with the pair file's settings (batch, SGD with momentum, "
         "per-step learning rate, `channels_last` for the Fashion-MNIST pair) on pre-made batches. The hand-written "
@@ -215,8 +251,8 @@ def section_overhead(b: Bench) -> None:
 
 
 def section_cache(b: Bench) -> None:
-    b.emit("## 2. The teacher cache: KD with cached teacher logits, the student alone (CE), KD with the live teacher\n")
-    b.emit(machine_line())
+    b.heading("2. The teacher cache: KD with cached teacher logits, the student alone (CE), KD with the live teacher")
+    b.emit(b.machine())
     b.emit(
         "\nAll three are kdflow engine steps on the same pre-made batches. *Cached KD* reads the teacher's logits "
         "for each (sample, view) from the memory-mapped float16 cache (`train.teacher_cache.enabled: true`, "
@@ -233,14 +269,16 @@ def section_cache(b: Bench) -> None:
         w, r, k = b.cfg["cache"][key]
         pair, ck, data = b.pair_setup(key)
         log(f"cache: {key}")
-        ce = W.engine(pair, "ce", ck, data)
-        live = W.engine(pair, "kd", ck, data)
+        ce = b.engine(pair, "ce", ck, data)
+        live = b.engine(pair, "kd", ck, data)
         cache_dir = b.tmp / "teacher-cache"
-        cached = W.engine(pair, "kd", ck, data,
+        cached = b.engine(pair, "kd", ck, data,
                           overrides={"train": {"views": 1, "teacher_cache": {"enabled": True, "dir": str(cache_dir)}}})
+        sync(b.device)
         t0 = time.perf_counter()
         _, caches = _stage_views_and_caches(cached.flow, cached.recipe, cached.stage, data.ds, DistInfo(), False,
                                                  lambda s: None)
+        sync(b.device)
         build_s = time.perf_counter() - t0
         assert list(caches) == ["teacher"], caches
         cached.caches = caches
@@ -253,13 +291,16 @@ def section_cache(b: Bench) -> None:
         label = next(t for t in a.terms if t.startswith("kl("))
         loss_diff = abs(float(a.terms[label]) - float(c.terms[label]))
         # the lookup alone
+        sync(b.device)
         t0 = time.perf_counter()
         for i in range(50):
             xb, _, ib, vb = data.batches[i % len(data.batches)]
             caches["teacher"].lookup(ib, vb, xb.device)
+        sync(b.device)
         lookup_ms = (time.perf_counter() - t0) / 50 * 1000
         b.quiet()
-        res = interleave({"ce": ce.step, "cached": cached.step, "live": live.step}, w, r, k, max_discard=b.retries(r))
+        res = interleave({"ce": ce.step, "cached": cached.step, "live": live.step}, w, r, k, max_discard=b.retries(r),
+                         device=b.device)
         tce, tca, tli = res["ce"], res["cached"], res["live"]
         bs = pair.batch
         b.results["cache"][key] = {"cached_vs_ce": ratio(tca, tce), "live_vs_ce": ratio(tli, tce),
@@ -316,7 +357,7 @@ def run_child(spec: dict) -> dict:
 def section_methods(b: Bench) -> None:
     methods = b.cfg["method_list"] or sorted(W.METHODS)
     b.results["methods"] = {}
-    b.emit("## 3. Throughput of every method\n")
+    b.heading("3. Throughput of every method")
     for key in b.cfg["pairs"]:
         w, r, k = b.cfg["methods"][key]
         pair, ck, _ = b.pair_setup(key)
@@ -326,7 +367,8 @@ def section_methods(b: Bench) -> None:
             b.quiet()
             out[method] = run_child({"worker": "method", "pair": key, "method": method, "ckpts": ck,
                                      "data": str(b.data_paths[key]), "warmup": w, "reps": r, "steps": k,
-                                     "max_discard": b.retries(r), "threads": torch.get_num_threads()})
+                                     "max_discard": b.retries(r), "threads": torch.get_num_threads(),
+                                     "device": str(b.device)})
         b.results["methods"][key] = out
         bs = pair.batch
         rows = []
@@ -341,11 +383,11 @@ def section_methods(b: Bench) -> None:
             rows.append([f"`{method}`", m.knowledge, res["stage"], res["nodes"], f"{bs / tm:.0f}", f"{tm / tc:.2f}",
                          f"{bs / tc:.0f}"])
         b.emit(f"### {pair.title}, batch {bs}\n")
-        b.emit(machine_line())
+        b.emit(b.machine())
         cifar_note = (
             " This pair is slow on this CPU (seconds per step), so each method gets only "
             f"{w} warm-up step and {r} timed steps, each next to a timed CE step: read the ratios to about ±10 %."
-            if key == "cifar" else ""
+            if key == "cifar" and not b.cuda else ""
         )
         waits = [x for res in out.values() for x in res.get("wait", [])]
         rerun = sum(res.get("discarded", 0) for res in out.values())
@@ -393,20 +435,33 @@ def section_memory(b: Bench) -> None:
         return
     keys = [k for k in b.cfg["pairs"] if k in b.results["methods"]]
     methods = list(b.results["methods"][keys[0]])
-    b.emit("## 4. Peak memory per method\n")
-    b.emit(machine_line())
-    b.emit(
-        "\nMeasured in the same fresh processes as section 3. *Growth* = the process's peak resident set (VmHWM, "
-        "reset through /proc/self/clear_refs just before the first step) minus its resident set at that moment "
-        "(both flows built, weights loaded), over the method's warm-up and first timed repetition (at least two "
-        "steps, so the optimizer's momentum buffers and the previous step's gradients are included). It counts "
-        "what training adds — activations kept for backward, gradients, optimizer state, the helpers' state (CRD's "
-        "memory banks), the kernels' scratch — and is a CPU figure (no allocator cache in between). *Weights* = "
-        "parameters of every node and helper of the flow.\n"
-    )
+    b.heading("4. Peak memory per method")
+    b.emit(b.machine())
+    window = ("over the method's warm-up and first timed repetition (at least two steps, so the optimizer's momentum "
+              "buffers and the previous step's gradients are included). It counts what training adds — activations "
+              "kept for backward, gradients, optimizer state, the helpers' state (CRD's memory banks), the kernels' "
+              "scratch")
+    if b.cuda:
+        kind = "CUDA max_memory_allocated"
+        b.emit(
+            "\nMeasured in the same fresh processes as section 3, on the GPU. *Growth* = the peak of "
+            "`torch.cuda.max_memory_allocated` (its mark reset by `torch.cuda.reset_peak_memory_stats` just before "
+            "the first step) minus `torch.cuda.memory_allocated` at that moment (both flows built, weights on the "
+            f"GPU), {window} — in tensors handed out by PyTorch's caching allocator (its cached reserve and the CUDA "
+            "context are not counted; host memory is not measured here). *Weights* = parameters of every node and "
+            "helper of the flow.\n"
+        )
+    else:
+        kind = "RSS"
+        b.emit(
+            "\nMeasured in the same fresh processes as section 3. *Growth* = the process's peak resident set (VmHWM, "
+            "reset through /proc/self/clear_refs just before the first step) minus its resident set at that moment "
+            f"(both flows built, weights loaded), {window} — and is a CPU figure (no allocator cache in between). "
+            "*Weights* = parameters of every node and helper of the flow.\n"
+        )
     header = ["method"]
     for key in keys:
-        header += [f"{key}: growth MiB", f"{key}: weights MiB"]
+        header += [f"{key}: growth MiB ({kind})", f"{key}: weights MiB"]
     rows = []
     for method in methods:
         row = [f"`{method}`"]
@@ -415,7 +470,8 @@ def section_memory(b: Bench) -> None:
             if "error" in res or not res:
                 row += ["n/a", "n/a"]
             else:
-                row += [f"{res['rss_growth_mib']:.0f}", f"{res['weights_mib']:.1f}"]
+                assert res["memory"] == ("cuda_allocated" if b.cuda else "rss"), res["memory"]
+                row += [f"{res['mem_growth_mib']:.0f}", f"{res['weights_mib']:.1f}"]
         rows.append(row)
     b.emit(table(header, rows))
     b.emit("")
@@ -434,7 +490,9 @@ def launch_ddp(spec: dict, nproc: int, threads: int) -> dict:
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                f"--master_port={W.free_port()}", *script]
-    done = subprocess.run(cmd, check=False, env=W.env_threads(threads), capture_output=True, text=True, timeout=1800)
+    # CPU processes even on a machine with a GPU: kdflow's init_distributed picks nccl whenever CUDA is visible
+    env = {**W.env_threads(threads), "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=1800)
     for line in done.stdout.splitlines():
         if line.startswith("BENCH_RESULT "):
             return json.loads(line.split(" ", 1)[1])
@@ -442,8 +500,17 @@ def launch_ddp(spec: dict, nproc: int, threads: int) -> dict:
 
 
 def section_ddp(b: Bench) -> None:
-    b.emit("## 5. Data parallel: 2 processes (DDP, gloo) against 1 process on the same global batch\n")
-    b.emit(machine_line())
+    b.heading("5. Data parallel: 2 processes (DDP, gloo) against 1 process on the same global batch")
+    b.emit(b.machine())
+    if b.cuda:
+        n = torch.cuda.device_count()
+        b.emit(
+            f"\n**Skipped on CUDA: needs ≥ 2 GPUs** (this machine shows {n}), and a GPU version of this section "
+            "(one process per GPU, nccl) is not written yet. This section measures data parallelism on CPU cores: "
+            "gloo processes of one thread against one process with intra-op threads; run "
+            "`python bench/run.py --device cpu` for it.\n"
+        )
+        return
     variants = [("1 process × 2 threads", 1, 2), ("1 process × 1 thread", 1, 1), ("2 processes × 1 thread (DDP, gloo)", 2, 1)]
     rows = []
     b.results["ddp"] = {}
@@ -524,11 +591,11 @@ def section_options(b: Bench) -> None:
         "bf16 autocast": {"train": {"channels_last": False, "precision": "bf16"}},
         "channels_last + bf16 autocast": {"train": {"channels_last": True, "precision": "bf16"}},
     }
-    loops = {name: W.engine(pair, "kd", ck, data, overrides=o) for name, o in variants.items()}
+    loops = {name: b.engine(pair, "kd", ck, data, overrides=o) for name, o in variants.items()}
     compile_error = None
     if c["compile"]:
         name = "torch.compile (teacher and student), fp32, NCHW"
-        loop = W.engine(pair, "kd", ck, data, overrides=variants["fp32, NCHW, eager (baseline)"])
+        loop = b.engine(pair, "kd", ck, data, overrides=variants["fp32, NCHW, eager (baseline)"])
         try:
             compile_flow(loop)
             log("options: compiling")
@@ -539,7 +606,7 @@ def section_options(b: Bench) -> None:
     log("options: timing")
     b.quiet()
     res = interleave({name: loop.step for name, loop in loops.items()}, c["warmup"], c["reps"], c["steps"],
-                     max_discard=b.retries(c["reps"]))
+                     max_discard=b.retries(c["reps"]), device=b.device)
     base = res["fp32, NCHW, eager (baseline)"]
     bs = pair.batch
     rows = []
@@ -551,15 +618,15 @@ def section_options(b: Bench) -> None:
         b.results["options"][name] = {"ratio": rel, "verdict": verdict}
         rows.append([name, ms(t.median), f"{t.per_second(bs):.0f}", f"{rel:.3f}",
                      "—" if q is None else f"{q[0]:.3f} … {q[1]:.3f}", verdict, f"{sum(t.warmup_s):.1f}"])
-    b.emit("## 6. channels_last, torch.compile and bf16 autocast (issue 7, point 2)\n")
-    b.emit(machine_line())
+    b.heading("6. channels_last, torch.compile and bf16 autocast (issue 7, point 2)")
+    b.emit(b.machine())
     b.emit(
         f"\nWorkload: the KD engine step on {pair.title}, batch {bs}, each variant its own flow with the same weights "
         f"and batches; {steps_note(c['warmup'], c['reps'], c['steps'])} per variant. *Time ratio* = median step time / "
         "the baseline's (below 1 is faster); *spread* = interquartile range of the per-round ratios; the verdict "
         "says *faster* or *slower* only when the whole interquartile range is on one side of 1. bf16 autocast is the "
         "engine's `train.precision: bf16` (forward passes under autocast, losses in fp32); torch.compile wraps "
-        "each node's module (default inductor backend, CPU). Warm-up seconds include compilation.\n"
+        "each node's module (default inductor backend, on the " + b.label + "). Warm-up seconds include compilation.\n"
     )
     b.emit(table(["variant", "ms / step", "img/s", "time ratio", "spread (IQR)", "verdict", "warm-up s"], rows, "lrrrrlr"))
     b.emit("\n" + load_note(list(res.values())))
@@ -585,8 +652,8 @@ def section_options(b: Bench) -> None:
 def section_crd(b: Bench) -> None:
     """CRD's engine step (default: exact negatives, the bank-matmul scores), the same with the gathered-rows scores,
     and KD's step, interleaved; the ratio to KD is the figure (target ≤ 1.3)."""
-    b.emit("## 7. CRD: its step against KD's\n")
-    b.emit(machine_line())
+    b.heading("7. CRD: its step against KD's")
+    b.emit(b.machine())
     rows, notes, timings = [], [], []
     b.results["crd"] = {}
     for key, (w, r, k) in b.cfg["crd"].items():
@@ -594,12 +661,13 @@ def section_crd(b: Bench) -> None:
             continue
         pair, ck, data = b.pair_setup(key)
         log(f"crd: {key}")
-        kd = W.engine(pair, "kd", ck, data)
-        crd = W.engine(pair, "crd", ck, data)
-        gather = W.engine(pair, "crd", ck, data, overrides={"method": {"name": "crd", "form": "gather"}})
+        kd = b.engine(pair, "kd", ck, data)
+        crd = b.engine(pair, "crd", ck, data)
+        gather = b.engine(pair, "crd", ck, data, overrides={"method": {"name": "crd", "form": "gather"}})
         module = crd.flow.criterion_modules["0"].crd
         b.quiet()
-        res = interleave({"kd": kd.step, "crd": crd.step, "gather": gather.step}, w, r, k, max_discard=b.retries(r))
+        res = interleave({"kd": kd.step, "crd": crd.step, "gather": gather.step}, w, r, k, max_discard=b.retries(r),
+                         device=b.device)
         timings += res.values()
         t_kd, t_crd, t_g = res["kd"], res["crd"], res["gather"]
         b.results["crd"][key] = {"crd_vs_kd": ratio(t_crd, t_kd), "gather_vs_kd": ratio(t_g, t_kd),
@@ -630,7 +698,7 @@ def section_crd(b: Bench) -> None:
 
 def reading(b: Bench) -> str:
     r = b.results
-    lines = ["## Reading\n"]
+    lines = [f"## Reading ({b.label})\n"]
     for key, o in r.get("overhead", {}).items():
         met = "met" if o["step"] <= 3 else "not met"
         epoch = f"; the whole `train_epoch()` with its batching and augmentation {o['epoch']:+.1f} %" if "epoch" in o else ""
@@ -686,22 +754,75 @@ def reading(b: Bench) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
+DOCS = BENCH.parent / "docs"
+
+
+def resolve_device(name: str) -> torch.device:
+    """`--device`: auto is cuda where torch.cuda.is_available(), else cpu; cuda without CUDA is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch.cuda.is_available() is False here (no GPU, or a CPU-only torch)")
+    return torch.device(name)
+
+
+def default_out(device: torch.device) -> Path:
+    """docs/benchmarks.md for the CPU, docs/benchmarks-gpu.md for CUDA (the CPU tables stay where they are)."""
+    return DOCS / ("benchmarks-gpu.md" if device.type == "cuda" else "benchmarks.md")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; outside a DDP worker, `device` is resolved to a torch.device, `out` to a Path and
+    `sections` to a list."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a tiny version (few steps, few methods, one pair)")
-    ap.add_argument("--out", default=str(BENCH.parent / "docs" / "benchmarks.md"), help="the Markdown file to write")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                    help="where the models and batches live (default auto: cuda if available, else cpu)")
+    ap.add_argument("--out", default=None,
+                    help="the Markdown file to write (default docs/benchmarks.md on the CPU, "
+                         "docs/benchmarks-gpu.md on CUDA)")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"a subset of {','.join(SECTIONS)} (development)")
     ap.add_argument("--threads", type=int, default=None,
-                    help="intra-op threads for every measurement but the DDP section's (default: torch's, one per core)")
+                    help="intra-op threads for every measurement but the DDP section's (default: torch's, one per "
+                         "core); on CUDA the host process's threads")
     ap.add_argument("--ddp-worker", metavar="JSON", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.ddp_worker:
-        W.ddp_worker(json.loads(args.ddp_worker))
-        return 0
-    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = set(sections) - set(SECTIONS)
+        return args
+    try:
+        args.device = resolve_device(args.device)
+    except ValueError as e:
+        ap.error(str(e))
+    args.out = Path(args.out) if args.out else default_out(args.device)
+    args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = set(args.sections) - set(SECTIONS)
     if unknown:
         ap.error(f"unknown sections {sorted(unknown)}; known: {', '.join(SECTIONS)}")
+    return args
+
+
+def device_paragraph(device: torch.device) -> str:
+    if device.type == "cuda":
+        return (
+            "**Device: CUDA** (`--device cuda`, or `auto` where CUDA is available): models, batches and caches on the "
+            "GPU named above every table, and every clock read waits for the GPU (`torch.cuda.synchronize`). The "
+            "*wait for a CPU* figures and `--threads` are about the host process that launches the kernels; section 4 "
+            "reports GPU memory (`torch.cuda.max_memory_allocated`), section 5 (CPU data parallelism) is skipped. The "
+            "CPU figures are in `docs/benchmarks.md` (`python bench/run.py --device cpu`).\n"
+        )
+    return (
+        "**Device: CPU** (`--device cpu`, or `auto` on a machine without CUDA). On a machine with a GPU, "
+        "`python bench/run.py --device cuda` runs the same sections there and writes `docs/benchmarks-gpu.md` (its "
+        "default `--out` on CUDA), leaving this file as it is.\n"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.ddp_worker:
+        W.ddp_worker(json.loads(args.ddp_worker))
+        return 0
+    sections = args.sections
     cfg = QUICK if args.quick else FULL
     default_threads = torch.get_num_threads()
     if args.threads:
@@ -709,8 +830,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python bench/run.py" + "".join(f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:]))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kdflow-bench-") as tmp:
-        b = Bench(cfg, Path(tmp), args.quick)
-        b.emit("# Benchmarks\n")
+        b = Bench(cfg, Path(tmp), args.quick, args.device)
+        b.emit(f"# Benchmarks ({b.label})\n")
         b.emit(
             f"Produced by `{command}`{' (the quick smoke-test version: few steps, few methods)' if args.quick else ''}. "
             "Every figure is a throughput or a ratio measured side by side in one process and one run: warm-up steps "
@@ -723,8 +844,8 @@ def main(argv: list[str] | None = None) -> int:
             + (f" Intra-op threads: {torch.get_num_threads()} (`--threads`; torch's default here is "
                f"{torch.get_num_threads() if not args.threads else default_threads}, one per core): with other jobs on "
                "the machine, two-thread steps slowed down by 2–20× and scattered, one-thread steps did not (section 5 "
-               "measures both)." if args.threads else "")
-            + "\n"
+               "measures both on the CPU)." if args.threads else "")
+            + "\n\n" + device_paragraph(b.device)
         )
         order = {"overhead": section_overhead, "cache": section_cache, "methods": section_methods, "ddp": section_ddp,
                  "options": section_options, "crd": section_crd}
@@ -743,7 +864,7 @@ def main(argv: list[str] | None = None) -> int:
                               "(a 60 s wait for a quiet machine ran out), so every figure was taken while sharing the "
                               "CPUs; the *wait* figures with each table say by how much. Ratios of interleaved "
                               "repetitions share that load; absolute throughputs are lower than on an idle machine.\n")
-    out = Path(args.out)
+    out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(b.parts))
     print(f"wrote {out}", file=sys.stderr)

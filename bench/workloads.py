@@ -5,6 +5,12 @@ The engine step (`EngineLoop.step`) is the body of `kdflow.engine.train.train_ep
 line for line, minus the augmentation (the batches are made beforehand) and the progress bar:
 the per-step learning rate, the channels-last copy, the teacher-cache lookup, `Flow.forward`,
 `zero_grad`, one backward, the per-node SGD steps and the running sums train_epoch keeps.
+
+Devices: the data are made on the CPU and saved once; `load_data(..., device)` puts the dataset and
+the pre-made batches on the run's device as `train` does (inputs, labels and sample indices there,
+the view indices on the CPU, as `view_of` gives them), and `engine(..., device=...)` builds the flow
+there (`Flow.to`) and its running sums. On CUDA every clock read waits for the device
+(`harness.sync`). The CUDA path is untested until a run on a GPU.
 """
 from __future__ import annotations
 
@@ -14,18 +20,19 @@ import json
 import math
 import os
 import sys
-import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from harness import CONTENDED, Timing, interleave, peak_rss_mib, reset_peak_rss, rss_mib, timed
+from harness import (CONTENDED, Timing, interleave, peak_cuda_mib, peak_rss_mib, reset_peak_cuda, reset_peak_rss,
+                     rss_mib, timed, warm_up)
 from torch.nn.parallel import DistributedDataParallel
 
 from kdflow.checkpoint import model_file, save_atomic
 from kdflow.data.base import ArrayDataset
+from kdflow.data.loader import to_device
 from kdflow.data.views import apply_views, make_view_table, view_of
 from kdflow.engine.distributed import DistInfo, average_gradients, init_distributed
 from kdflow.engine.evaluate import topk_correct
@@ -188,10 +195,18 @@ class PairData:
     batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-def load_data(pair: Pair, path: str | Path) -> PairData:
+def batches_on(batches: list, device: torch.device | str) -> list:
+    """Pre-made (x, y, sample indices, views) batches with x, y and the indices on `device`, the views on the CPU
+    (where `train_epoch` has them: `batches` yields indices on the data's device, `view_of` gives CPU views).
+    Tensors already there are not copied."""
+    return [(x.to(device), y.to(device), idx.to(device), view) for x, y, idx, view in batches]
+
+
+def load_data(pair: Pair, path: str | Path, device: torch.device | str = "cpu") -> PairData:
+    """The saved data set and batches, on `device` (`to_device` for the data set, as `train` does)."""
     d = torch.load(path, weights_only=True)
     ds = ArrayDataset(pair.key, d["x"], d["y"], pair.classes, tuple(d["mean"]), tuple(d["std"]))
-    return PairData(ds, [tuple(b) for b in d["batches"]])
+    return PairData(to_device(ds, torch.device(device)), batches_on([tuple(b) for b in d["batches"]], device))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,12 +221,15 @@ def build_recipe(pair: Pair, method: str, ckpts: dict[str, str], overrides: dict
     return resolve(raw, f"bench {pair.key} {method}"), stage
 
 
-def build_flow(recipe: Recipe, pair: Pair, sample: torch.Tensor, stage_name: str) -> tuple[Flow, StageSpec]:
-    """The flow as `kdflow.engine.train.train` builds it (seeded, channels_last and precision from the recipe)."""
+def build_flow(recipe: Recipe, pair: Pair, sample: torch.Tensor, stage_name: str,
+               device: torch.device | str = "cpu") -> tuple[Flow, StageSpec]:
+    """The flow as `kdflow.engine.train.train` builds it (seeded, built from a CPU sample, moved to `device`,
+    channels_last and precision from the recipe)."""
     seed_everything(recipe.seed)
     # a balanced training split's labels (CRD draws its negatives from the other classes' samples)
     labels = torch.arange(pair.num_data) % pair.classes
-    flow = Flow(recipe, pair.classes, pair.shape, sample, num_data=pair.num_data, train_labels=labels)
+    flow = Flow(recipe, pair.classes, pair.shape, sample.cpu(), num_data=pair.num_data, train_labels=labels)
+    flow = flow.to(device)
     if recipe.train.channels_last and sample.dim() == 4:
         flow = flow.to(memory_format=torch.channels_last)
     flow.autocast_dtype = AUTOCAST[recipe.train.precision]
@@ -224,7 +242,8 @@ def build_flow(recipe: Recipe, pair: Pair, sample: torch.Tensor, stage_name: str
 
 
 class EngineLoop:
-    """`train_epoch`'s per-batch work on pre-made (already augmented) global batches."""
+    """`train_epoch`'s per-batch work on pre-made (already augmented) global batches, on `device` (the flow must
+    be there already; the batches are put there, see `batches_on`)."""
 
     def __init__(
         self,
@@ -236,17 +255,18 @@ class EngineLoop:
         epoch: int = 0,
         bookkeeping: bool = True,
         dist_info: DistInfo | None = None,
+        device: torch.device | str = "cpu",
     ) -> None:
-        self.flow, self.recipe, self.stage, self.batches = flow, recipe, stage, batches
+        self.device = torch.device(device)
+        self.flow, self.recipe, self.stage, self.batches = flow, recipe, stage, batches_on(batches, self.device)
         self.caches = caches or {}
         self.epoch, self.bookkeeping, self.dist_info = epoch, bookkeeping, dist_info or DistInfo()
         self.optimizers = make_optimizers(flow, recipe, stage)
         self.base_lr = {n: node_optim(recipe, n).lr for n in stage.train}
         self.helper_params = [p for n in stage.train for h in flow.helpers_of(n) for p in h.parameters()]
-        self.device = torch.device("cpu")
-        self.sums = {"total": torch.zeros(())}
-        self.correct = {n: torch.zeros((), dtype=torch.long) for n in stage.train}
-        self.ce_sum = {n: torch.zeros(()) for n in stage.train}
+        self.sums = {"total": torch.zeros((), device=self.device)}
+        self.correct = {n: torch.zeros((), dtype=torch.long, device=self.device) for n in stage.train}
+        self.ce_sum = {n: torch.zeros((), device=self.device) for n in stage.train}
         self.term_sums: dict[str, torch.Tensor] = {}
         self.seen = 0
         self.i = 0
@@ -306,7 +326,7 @@ class HandKD:
         self.channels_last = recipe.train.channels_last
         self.batches, self.i = batches, 0
         self.T, self.a, self.b = temperature, ce_weight, kd_weight
-        self.loss_sum = torch.zeros(())
+        self.loss_sum = torch.zeros((), device=next(self.student.parameters()).device)
 
     def lr(self, epoch: float) -> float:
         s = self.schedule
@@ -340,13 +360,13 @@ class HandKD:
 
 
 def engine(pair: Pair, method: str, ckpts: dict[str, str], data: PairData, overrides: dict | None = None,
-           dist_info: DistInfo | None = None, **loop_args) -> EngineLoop:
+           dist_info: DistInfo | None = None, device: torch.device | str = "cpu", **loop_args) -> EngineLoop:
     dist_info = dist_info or DistInfo()
     recipe, stage_name = build_recipe(pair, method, ckpts, overrides)
-    flow, stage = build_flow(recipe, pair, data.batches[0][0][:2], stage_name)
+    flow, stage = build_flow(recipe, pair, data.batches[0][0][:2], stage_name, device)
     if dist_info.enabled:  # as `train` does: trainable nodes through DDP, frozen ones not
         flow.runners = {n: DistributedDataParallel(flow.models[n]) for n in stage.train}
-    return EngineLoop(flow, recipe, stage, data.batches, dist_info=dist_info, **loop_args)
+    return EngineLoop(flow, recipe, stage, data.batches, dist_info=dist_info, device=device, **loop_args)
 
 
 def weights_mib(loop: EngineLoop) -> float:
@@ -359,40 +379,39 @@ def weights_mib(loop: EngineLoop) -> float:
 
 
 def method_worker(spec: dict) -> dict:
-    """In a fresh process: build `method` and the student alone (CE), measure the peak RSS growth over the
-    method's first steps, then time method and CE interleaved.
+    """In a fresh process: build `method` and the student alone (CE) on spec["device"], measure the peak memory
+    growth over the method's first steps, then time method and CE interleaved.
 
-    Order: method warm-up ×w, method rep 1 [peak RSS read here], CE warm-up ×w, CE rep 1, then (method, CE)
-    reps 2..R. The RSS baseline is taken after both flows are built and before the first step, so the
+    Order: method warm-up ×w, method rep 1 [peak memory read here], CE warm-up ×w, CE rep 1, then (method, CE)
+    reps 2..R. The baseline is taken after both flows are built and before the first step, so the
     growth holds what training adds: activations and autograd buffers, gradients, optimizer state,
-    helper state and the kernels' scratch; the weights are in the baseline (reported separately)."""
+    helper state and the kernels' scratch; the weights are in the baseline (reported separately).
+    On the CPU the memory is the process's resident set (VmHWM); on CUDA it is the device's
+    torch.cuda.max_memory_allocated (peak mark reset at the baseline)."""
     torch.set_num_threads(spec.get("threads", torch.get_num_threads()))
+    device = torch.device(spec.get("device", "cpu"))
+    cuda = device.type == "cuda"
     pair = PAIRS[spec["pair"]]
-    data = load_data(pair, spec["data"])
+    data = load_data(pair, spec["data"], device)
     try:
-        m = engine(pair, spec["method"], spec["ckpts"], data)
+        m = engine(pair, spec["method"], spec["ckpts"], data, device=device)
     except Exception as e:  # noqa: BLE001 — a method that does not apply to this pair (FSP's channel counts, say)
         return {"error": str(e).splitlines()[0]}
-    ce = engine(pair, "ce", spec["ckpts"], data)
+    ce = engine(pair, "ce", spec["ckpts"], data, device=device)
     info = {"stage": m.stage.name, "nodes": nodes_text(m.recipe, m.stage), "weights_mib": weights_mib(m),
             "params": {n: count_parameters(mod) for n, mod in m.flow.models.items()}}
     gc.collect()
-    base = rss_mib()
-    reset_ok = reset_peak_rss()
+    if cuda:
+        base, reset_ok = reset_peak_cuda(device), True
+    else:
+        base, reset_ok = rss_mib(), reset_peak_rss()
     w, reps, k = spec["warmup"], spec["reps"], spec["steps"]
     mt, ct = Timing("method"), Timing("ce")
-
-    def warm(loop: EngineLoop, t: Timing) -> None:
-        for _ in range(w):
-            start = time.perf_counter()
-            loop.step()
-            t.warmup_s.append(time.perf_counter() - start)
-
-    warm(m, mt)
-    first_m = timed(m.step, k)  # the memory window: the warm-up steps and this repetition
-    peak = peak_rss_mib()
-    warm(ce, ct)
-    first_c = timed(ce.step, k)
+    mt.warmup_s += warm_up(m.step, w, device)
+    first_m = timed(m.step, k, device)  # the memory window: the warm-up steps and this repetition
+    peak = peak_cuda_mib(device) if cuda else peak_rss_mib()
+    ct.warmup_s += warm_up(ce.step, w, device)
+    first_c = timed(ce.step, k, device)
     discarded = 0
     budget = spec.get("max_discard", reps)
     if max(first_m[1], first_c[1]) > CONTENDED and budget > 0:
@@ -402,13 +421,14 @@ def method_worker(spec: dict) -> dict:
             t.reps.append(sec)
             t.wait.append(wait)
     rest = interleave({"method": m.step, "ce": ce.step}, 0, reps - len(mt.reps), k, max_discard=budget - discarded,
-                      reverse_first=True)  # the next round: CE first
+                      reverse_first=True, device=device)  # the next round: CE first
     for t, name in ((mt, "method"), (ct, "ce")):
         t.reps += rest[name].reps
         t.wait += rest[name].wait
     return {**info, "method": mt.reps, "ce": ct.reps, "wait": mt.wait + ct.wait,
             "discarded": discarded + rest["method"].discarded, "warmup": mt.warmup_s, "ce_warmup": ct.warmup_s,
-            "rss_base_mib": base, "rss_peak_mib": peak, "rss_growth_mib": peak - base, "peak_reset": reset_ok}
+            "memory": "cuda_allocated" if cuda else "rss", "mem_base_mib": base, "mem_peak_mib": peak,
+            "mem_growth_mib": peak - base, "peak_reset": reset_ok}
 
 
 def child_entry(spec: dict, conn) -> None:
@@ -453,6 +473,12 @@ def ddp_worker(spec: dict) -> None:
         sys.stdout.flush()
     if info.enabled:
         torch.distributed.destroy_process_group()
+        # Leave without running destructors: freeing the DDP reducer (which holds the gloo process group) while
+        # gloo's run-loop thread waits for the GIL to free its last work object deadlocks now and then (seen here:
+        # the result printed, then the worker hung for good, and its launch with it). Every collective is done.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def free_port() -> int:

@@ -27,7 +27,8 @@ PAIRS = ["resnet32x4-resnet8x4", "vgg13-MobileNetV2"]
 # (row label, fixture) in the order of the benchmark tables
 ROWS = [("KD", "kd"), ("FitNet", "fitnet"), ("AT", "at"), ("SP", "sp"), ("CC", "cc"), ("VID", "vid"),
         ("RKD", "rkd"), ("PKT", "pkt"), ("AB", "ab"), ("FT", "ft"), ("FSP", "fsp"), ("NST", "nst"),
-        ("CRD", "crd"), ("OFD", "ofd"), ("ReviewKD", "reviewkd"), ("DKD", "dkd"), ("DIST", "dist")]
+        ("CRD", "crd"), ("OFD", "ofd"), ("ReviewKD", "reviewkd"), ("DKD", "dkd"), ("DIST", "dist"),
+        ("KD+LS", "kd+ls"), ("DKD+LS", "dkd+ls")]
 FEATURES = {"fitnet", "vid", "ab", "ft", "fsp", "ofd"}  # tests/test_parity_features.py: per-stage values
 
 
@@ -77,6 +78,8 @@ def cases(name: str, pair: str, tmp: Path) -> list[tuple[str, float, float, floa
     elif name == "rkd":  # weights that undo the documented means over distinct pairs / triplets
         b = inputs["batch_size"]
         overrides = [f"method.distance_weight={25.0 * (b - 1) / b!r}", f"method.angle_weight={50.0 * (b - 1) * (b - 2) / b**2!r}"]
+    elif isinstance(overrides, dict):  # per-pair overrides (dkd+ls: DKD's beta)
+        overrides = overrides[pair]
     elif name == "pkt":  # weight that undoes the documented batchmean
         overrides = [f"method.weight={30000.0 / inputs['batch_size']!r}"]
     if name in ("rkd", "pkt"):

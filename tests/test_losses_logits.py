@@ -326,3 +326,23 @@ def test_bf16_inputs_are_finite():
     zs, zt, y = make(seed=18)
     for name, f in ALL.items():
         assert torch.isfinite(f(zs.bfloat16() * 100, zt.bfloat16() * 100, y)), name
+
+
+def test_logit_standardization_is_a_z_score_and_makes_kd_scale_free() -> None:
+    """Sun et al. 2024: Z(z) = (z − mean) / (1e-7 + std), std with Bessel's correction (numpy's ddof=1); KD on
+    standardized logits does not change when either model's logits are scaled and shifted (a > 0)."""
+    import numpy as np
+
+    from kdflow import losses
+
+    g = torch.Generator().manual_seed(4)
+    zs, zt = torch.randn(6, 10, generator=g, dtype=torch.float64), 3 * torch.randn(6, 10, generator=g, dtype=torch.float64)
+    a = zs.numpy()
+    want = (a - a.mean(1, keepdims=True)) / (1e-7 + a.std(1, ddof=1, keepdims=True))
+    assert np.allclose(losses.standardize(zs).numpy(), want, rtol=0, atol=1e-12)
+    base = losses.kd(zs, zt, 2.0, standardize=True)
+    assert torch.allclose(losses.kd(5 * zs - 2, 0.3 * zt + 7, 2.0, standardize=True), base, rtol=1e-6)  # up to the 1e-7 in the denominator
+    assert not torch.allclose(losses.kd(5 * zs - 2, 0.3 * zt + 7, 2.0), losses.kd(zs, zt, 2.0))  # plain KD is not
+    y = torch.randint(0, 10, (6,), generator=g)
+    assert torch.allclose(losses.dkd(4 * zs + 1, zt - 3, y, 1.0, 8.0, 2.0, standardize=True),
+                          losses.dkd(zs, zt, y, 1.0, 8.0, 2.0, standardize=True), rtol=1e-6)

@@ -64,3 +64,14 @@ def test_pkt_is_reference_up_to_its_documented_batchmean(pair: str, tmp_path: Pa
     fixture = read_fixture("pkt")
     b = fixture["inputs"]["batch_size"]
     check("pkt", pair, tmp_path, [f"method.weight={30000.0 / b!r}"], fixture["values"][pair])
+
+
+@pytest.mark.parametrize("pair", PAIRS)
+@pytest.mark.parametrize("method", ["kd+ls", "dkd+ls"])
+def test_logit_standardization_equals_the_authors_code(method: str, pair: str, tmp_path: Path) -> None:
+    """recipes/methods/kd+ls.yaml and dkd+ls.yaml against sunshangquan/logit-standardization-KD's KD and DKD
+    with --logit-stand --base-temp 2 --kd-weight 9 (fixtures kd+ls.json, dkd+ls.json)."""
+    fixture = read_fixture(method)
+    overrides = fixture["inputs"]["overrides"]
+    overrides = overrides[pair] if isinstance(overrides, dict) else overrides
+    check(method, pair, tmp_path, overrides, fixture["values"][pair], fixture["inputs"]["epoch"])

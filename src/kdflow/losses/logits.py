@@ -9,12 +9,30 @@ import torch.nn.functional as F
 from kdflow.losses.precision import compute_dtype
 
 
-def kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
+def standardize(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Sun, Ren, Li, Wang and Cao 2024, "Logit Standardization in Knowledge Distillation" (CVPR).
+
+    Each row z-scored: (z − mean(z)) / (ε + std(z)), the standard deviation with Bessel's correction
+    (torch's default, as the authors' `normalize`), ε = 1e-7. Applied to both models' logits before the
+    temperature, it lets the student match the teacher's logit relations rather than their scale."""
+    z = compute_dtype(logits)
+    return (z - z.mean(dim=1, keepdim=True)) / (eps + z.std(dim=1, keepdim=True))
+
+
+_standardize = standardize
+
+
+def kd(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0, standardize: bool = False
+) -> torch.Tensor:
     """Hinton, Vinyals and Dean 2015, "Distilling the Knowledge in a Neural Network".
 
     τ² · KL(p_t ‖ p_s) with p = softmax(z / τ), summed over classes and averaged over the
-    batch (``batchmean``). The τ² keeps the gradient scale independent of τ.
+    batch (``batchmean``). The τ² keeps the gradient scale independent of τ. `standardize`: both
+    models' logits z-scored first (logit standardization, `standardize`).
     """
+    if standardize:
+        student_logits, teacher_logits = _standardize(student_logits), _standardize(teacher_logits)
     log_p_s = F.log_softmax(compute_dtype(student_logits) / temperature, dim=1)
     log_p_t = F.log_softmax(compute_dtype(teacher_logits) / temperature, dim=1)
     kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
@@ -72,6 +90,7 @@ def dkd(
     alpha: float = 1.0,
     beta: float = 8.0,
     temperature: float = 4.0,
+    standardize: bool = False,
 ) -> torch.Tensor:
     """Zhao, Cui, Song, Qiu and Liang 2022, "Decoupled Knowledge Distillation" (CVPR).
 
@@ -80,6 +99,8 @@ def dkd(
     * TCKD = τ² · KL(b_t ‖ b_s), b = [p_y, 1 − p_y] (the binary target / non-target split);
     * NCKD = τ² · KL(p̂_t ‖ p̂_s), p̂ = softmax over the non-target classes only, obtained by
       masking the target logit before the softmax.
+
+    `standardize`: both models' logits z-scored first (logit standardization, `standardize`).
 
     Reduction: each KL is summed over its classes and averaged over the batch (``batchmean``),
     each multiplied by τ². No warm-up here: the paper's min(epoch / 20, 1) ramp is a weight
@@ -91,6 +112,8 @@ def dkd(
     logits beyond ±1000 and stays finite. With C = 2 the non-target distribution has a
     single class and NCKD is exactly 0.
     """
+    if standardize:  # logit standardization (Sun et al. 2024), before the temperature as in kd
+        student_logits, teacher_logits = _standardize(student_logits), _standardize(teacher_logits)
     z_s = compute_dtype(student_logits) / temperature
     z_t = compute_dtype(teacher_logits) / temperature
     mask = _target_mask(z_s, target)

@@ -15,6 +15,11 @@ Defaults (CIFAR-100, the paper / mdistiller configs): τ = 4, α = 1, β = 8, CE
 resnet110→resnet32; β = 6 for vgg13→vgg8, wrn40-2→wrn16-2, wrn40-2→wrn40-1 and vgg13→MobileNetV2;
 β = 8 otherwise (wrn40-2→ShuffleV1, the resnet32x4 pairs, ResNet50→MobileNetV2). The CIFAR-100
 pair files carry these as presets; elsewhere set it with ``method: {name: dkd, beta: 6}``.
+
+`standardize: true` is DKD with logit standardization (Sun et al. 2024, CVPR): logits z-scored before
+the temperature. The authors multiply α and β by their KD weight 9 and set τ=2; here that is
+``kd_weight: 9`` (it scales α·TCKD + β·NCKD alike, so the per-pair β presets still apply):
+recipes/methods/dkd+ls.yaml.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ def dkd(
     ce_weight: float = 1.0,
     kd_weight: float = 1.0,
     warmup_epochs: int = 20,
+    standardize: bool = False,
 ) -> Graph:
     return {
         "nodes": {teacher: {"role": "frozen"}, student: {"role": "trainable"}},
@@ -47,6 +53,7 @@ def dkd(
                 "alpha": alpha,
                 "beta": beta,
                 "temperature": temperature,
+                "standardize": standardize,
                 "weight": {"value": kd_weight, "warmup_epochs": warmup_epochs},
             }
         ],

@@ -2,6 +2,11 @@
 
 Student loss γ·CE(z_s, y) + α·τ²·KL(p_t ‖ p_s), defaults τ=4, γ=0.1, α=0.9 (the CIFAR-100
 benchmark's settings, ../shared/methods.md).
+
+`standardize: true` is KD with logit standardization (Sun, Ren, Li, Wang, Cao 2024, "Logit
+Standardization in Knowledge Distillation", CVPR): both models' logits z-scored before the
+temperature (`kdflow.losses.standardize`). The authors' KD+LS runs use τ=2 and a KD weight of 9
+with CE 0.1 (their README's `--logit-stand --base-temp 2 --kd-weight 9`): recipes/methods/kd+ls.yaml.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ def kd(
     temperature: float = 4.0,
     ce_weight: float = 0.1,
     kd_weight: float = 0.9,
+    standardize: bool = False,
 ) -> Graph:
     return {
         "nodes": {teacher: {"role": "frozen"}, student: {"role": "trainable"}},
@@ -25,6 +31,7 @@ def kd(
                 "to": f"{student}.logits",
                 "criterion": "kl",
                 "temperature": temperature,
+                "standardize": standardize,
                 "weight": kd_weight,
             }
         ],

@@ -75,3 +75,10 @@ def test_logit_standardization_equals_the_authors_code(method: str, pair: str, t
     overrides = fixture["inputs"]["overrides"]
     overrides = overrides[pair] if isinstance(overrides, dict) else overrides
     check(method, pair, tmp_path, overrides, fixture["values"][pair], fixture["inputs"]["epoch"])
+
+
+@pytest.mark.parametrize("pair", PAIRS)
+def test_nkd_equals_the_authors_loss(pair: str, tmp_path: Path) -> None:
+    """recipes/methods/nkd.yaml against yzd-v/cls_KD's NKDLoss plus the student's cross-entropy (fixture nkd.json)."""
+    fixture = read_fixture("nkd")
+    check("nkd", pair, tmp_path, fixture["inputs"]["overrides"], fixture["values"][pair], fixture["inputs"]["epoch"])

@@ -18,6 +18,7 @@ def annealing_mse(
 # logits
 register_criterion("kl", losses.kd)
 register_criterion("dkd", losses.dkd)
+register_criterion("nkd", losses.nkd)
 register_criterion("dist", losses.dist)
 register_criterion("annealing_mse", annealing_mse)
 # features (same shape after the connector, where one is needed)

@@ -130,6 +130,39 @@ def dkd(
 
 
 # ---------------------------------------------------------------------------------------
+# NKD
+# ---------------------------------------------------------------------------------------
+
+
+def nkd(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    target: torch.Tensor,
+    temperature: float = 3.0,
+    gamma: float = 3.5,
+) -> torch.Tensor:
+    """Yang, Zeng, Li, Zhang, Yuan and Li 2023, "From Knowledge Distillation to Self-Knowledge Distillation:
+    A Unified Approach with Normalized Loss and Customized Soft Labels" (ICCV), normalized KD.
+
+    −mean_i T_y·log S_y  −  γ·τ²·mean_i Σ_{c≠y} T̂_c·log Ŝ_c, with T, S the teacher's and student's softmax
+    at τ = 1 (T_y not differentiated) and T̂, Ŝ the softmax at τ over the non-target logits only (the
+    target logit removed, not masked). Cross-entropy form as the authors' NKDLoss (yzd-v/cls_KD
+    mmcls/models/dis_losses/nkd.py): it differs from a KL by the teacher's entropy, a constant. The
+    student's own CE is the method's supervision, not part of this loss."""
+    z_s, z_t = compute_dtype(student_logits), compute_dtype(teacher_logits).detach()
+    n, c = z_s.shape
+    y = target.view(-1, 1)
+    s_y = F.log_softmax(z_s, dim=1).gather(1, y)
+    t_y = F.softmax(z_t, dim=1).gather(1, y)
+    loss_target = -(t_y * s_y).mean()
+    keep = torch.ones_like(z_s, dtype=torch.bool).scatter_(1, y, False)
+    log_q_s = F.log_softmax(z_s[keep].view(n, c - 1) / temperature, dim=1)
+    q_t = F.softmax(z_t[keep].view(n, c - 1) / temperature, dim=1)
+    loss_non_target = -gamma * temperature**2 * (q_t * log_q_s).sum(dim=1).mean()
+    return loss_target + loss_non_target
+
+
+# ---------------------------------------------------------------------------------------
 # DIST
 # ---------------------------------------------------------------------------------------
 

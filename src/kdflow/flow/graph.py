@@ -55,12 +55,14 @@ def _seeded_build(recipe: Recipe, name: str, index: int, num_classes: int, input
     spec = recipe.nodes[name]
     seed = spec.init_seed if spec.init_seed is not None else recipe.seed * 1000 + index
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(seed % 2**64)  # torch reads a negative seed as this; seed·1000 may pass 2**64
         try:
             return build_model(spec.arch, num_classes, input_shape, **spec.args)
         except KeyError as e:
             raise RecipeError(f"nodes.{name}.arch: {e.args[0]}") from None
-        except (TypeError, ValueError) as e:  # an unknown argument, or a value the model refuses (a dropout of 1.5)
+        # an unknown argument, a value the model refuses (a dropout of 1.5), a size torch refuses (a width of -1)
+        # or cannot allocate
+        except (TypeError, ValueError, RuntimeError) as e:
             raise RecipeError(f"nodes.{name}.args: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
@@ -239,8 +241,9 @@ class Flow(nn.Module):
         )
         try:
             return CRITERIA[t.criterion].fn(tgt_shape, src_shape, info, **t.params)
-        except (ValueError, TypeError) as e:
-            raise RecipeError(f"{self.where(i)}: criterion {t.criterion!r}: {e}") from None
+        except (ValueError, TypeError, RuntimeError, ArithmeticError) as e:  # also a size torch refuses (feat_dim: -1, 0)
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise RecipeError(f"{self.where(i)}: criterion {t.criterion!r}: {first}") from None
 
     def helpers_of(self, node: str) -> list[nn.Module]:
         """The trainable helpers a node owns: connectors and criterion modules of transfers into it."""

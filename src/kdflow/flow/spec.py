@@ -7,9 +7,11 @@ node, the transfers between taps, the stages, and the optimisation settings. Met
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from kdflow.flow import criteria_bss, criteria_builtin, criteria_features, criteria_modules  # noqa: F401  (fill the registry)
 from kdflow.flow.arguments import argument_error
@@ -266,14 +268,14 @@ class TrainSpec(Strict):
     save_epochs: list[int] = []  # also keep nodes/NODE-epochE.pt after these epochs (ESKD's early teachers)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast for the forward passes; losses stay fp32
     compile: bool = False  # torch.compile every node's forward (0.69× the eager step time here, docs/benchmarks.md §6)
-    views: int | None = Field(None, ge=1)  # fixed augmented views per sample (replayable); None: fresh every epoch
+    views: int | None = Field(None, ge=1, lt=2**63)  # fixed augmented views per sample (replayable); None: fresh every epoch
     teacher_cache: TeacherCacheSpec = TeacherCacheSpec()  # needs views; views default to the stage's epochs
     # multi-process runs: training nodes' and their helpers' batch norms use the global batch's statistics
     # (engine/sync_bn.py); off: each rank normalises by its shard's. No effect in one process.
     sync_bn: bool = False
     # torch's intra-op threads for this run (None: leave the process's setting). The thread count changes the
     # order of float reductions, so runs that must give identical numbers wherever they run fix it (studies: 1).
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1, lt=2**31)  # (torch.set_num_threads takes a C int)
     # a NaN or infinite loss, gradient or batch-norm statistic: stop the run with one line (the default), or
     # skip that optimizer step (batch-norm statistics restored) and count it as `nonfinite_steps` in the metrics
     on_nonfinite: Literal["stop", "skip_step"] = "stop"
@@ -316,7 +318,7 @@ class ValidationSpec(Strict):
 
     @model_validator(mode="after")
     def _fraction_or_count(self) -> "ValidationSpec":
-        if self.size >= 1 and self.size != int(self.size):
+        if self.size >= 1 and (not math.isfinite(self.size) or self.size != int(self.size)):
             raise ValueError(f"size: {self.size:g} is neither a fraction below 1 nor a whole number of samples")
         return self
 
@@ -325,7 +327,7 @@ class DataSpec(Strict):
     name: str
     root: str | None = None
     limit: int | None = Field(None, gt=0)  # a seeded random subset of the training split
-    test_limit: int | None = Field(None, gt=0)
+    test_limit: int | None = Field(None, ge=2)  # the graph's dry run before training takes two test samples
     options: dict[str, Any] = {}
     augment: AugmentSpec = AugmentSpec()
     imbalance: ImbalanceSpec | None = None  # applied after `limit`
@@ -336,7 +338,7 @@ class DataSpec(Strict):
 class Recipe(Strict):
     name: str = "run"
     description: str = ""
-    seed: int = 0
+    seed: int = Field(0, ge=-(2**63), lt=2**64)  # what torch.manual_seed takes
     device: str = "auto"
     data: DataSpec
     nodes: dict[str, NodeSpec] = Field(min_length=1)
@@ -346,6 +348,17 @@ class Recipe(Strict):
     train: TrainSpec = TrainSpec()
     drop: dict[str, int] = {}  # pool name -> how many of its active transfers to drop at random each step
     ensembles: dict[str, list[str]] = {}  # name -> nodes whose mean softmax is evaluated after each stage
+
+    @field_validator("device")
+    @classmethod
+    def _device_named(cls, device: str) -> str:
+        """A device torch can name (whether this machine has it is known when the run starts)."""
+        if device != "auto":
+            try:
+                torch.device(device)
+            except (RuntimeError, ValueError) as e:
+                raise ValueError(f"{device!r} is not a device (auto, cpu, cuda, cuda:N, mps, ...): {str(e).splitlines()[0]}") from None
+        return device
 
     @model_validator(mode="before")
     @classmethod

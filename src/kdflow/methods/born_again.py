@@ -9,7 +9,7 @@ adds the label term (0 by default, as the paper's BAN).
 """
 from __future__ import annotations
 
-from kdflow.methods.registry import Graph, register_method
+from kdflow.methods.registry import MAX_MADE_NODES, Graph, register_method
 
 
 @register_method(
@@ -20,8 +20,8 @@ from kdflow.methods.registry import Graph, register_method
 def born_again(
     teacher: str = "gen0", generations: int = 2, temperature: float = 1.0, ce_weight: float = 0.0, kd_weight: float = 1.0
 ) -> Graph:
-    if generations < 1:
-        raise ValueError("generations must be at least 1")
+    if not 1 <= generations <= MAX_MADE_NODES:
+        raise ValueError(f"generations must be between 1 and {MAX_MADE_NODES}, got {generations}")
     gens = [f"gen{g}" for g in range(1, generations + 1)]
     chain = [teacher] + gens
     return {

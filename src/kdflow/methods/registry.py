@@ -11,9 +11,14 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from kdflow.flow.arguments import argument_error
 from kdflow.flow.errors import RecipeError
 
 Graph = dict[str, Any]
+
+# the most nodes a method makes from a count (SLKD's SL-Ts, Born-Again's generations): each is a model to train, and
+# a count like 2**31 would fill the memory before validation ends
+MAX_MADE_NODES = 100
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,13 @@ def method_graph(name: str, **args: Any) -> Graph:
     for key in args:
         if key not in accepted:
             raise RecipeError(f"method.{name}: unknown field {key!r}; {name} takes {', '.join(accepted)}")
-    return fn(**args)
+        problem = argument_error(fn, key, args[key])
+        if problem:
+            raise RecipeError(f"method.{name}.{problem}")
+    try:
+        return fn(**args)
+    except (TypeError, ValueError) as e:  # a value the method refuses (dml with one peer)
+        raise RecipeError(f"method.{name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def _method_entries(spec: Any) -> list[tuple[str, dict]]:
@@ -80,8 +91,13 @@ def apply_presets(raw: dict) -> dict:
     for name, preset in presets.items():
         if name not in METHODS:
             raise RecipeError(f"presets.{name}: unknown method; known: {', '.join(sorted(METHODS))}")
-        if not isinstance(preset, dict) or any(k not in PRESET_FIELDS for k in preset):
+        if not isinstance(preset, dict):
             raise RecipeError(f"presets.{name}: expected a mapping with {' and/or '.join(PRESET_FIELDS)}")
+        for key, value in preset.items():
+            if key not in PRESET_FIELDS:
+                raise RecipeError(f"presets.{name}: expected a mapping with {' and/or '.join(PRESET_FIELDS)}; unknown field {key!r}")
+            if value is not None and not isinstance(value, dict):
+                raise RecipeError(f"presets.{name}.{key}: expected a mapping, got {type(value).__name__}")
     if "method" not in raw:
         return raw
     entries = []
@@ -89,7 +105,9 @@ def apply_presets(raw: dict) -> dict:
         preset = presets.get(name, {})
         entries.append({"name": name, **(preset.get("args") or {}), **args})
         for key, value in preset.items():
-            if key != "args":
+            if key != "args" and value:
+                if not isinstance(raw.get(key) or {}, dict):
+                    raise RecipeError(f"{key}: expected a mapping, got {type(raw[key]).__name__}")
                 raw[key] = _merged(raw.get(key) or {}, value)
     raw["method"] = entries if isinstance(raw["method"], list) else entries[0]
     return raw
@@ -128,15 +146,25 @@ def expand_methods(raw: dict) -> dict:
         stages = stages or list(graph.get("stages", []))  # the first method with stages sets them
         for key in extras:
             extras[key].update(graph.get(key, {}))
-    for node, fields in (raw.get("nodes") or {}).items():
+    for node, fields in _own(raw, "nodes", dict).items():
+        if not isinstance(fields or {}, dict):
+            raise RecipeError(f"nodes.{node}: expected a mapping of node fields, got {type(fields).__name__}")
         nodes.setdefault(node, {}).update(fields or {})
     raw["nodes"] = nodes
-    raw["supervise"] = {**supervise, **(raw.get("supervise") or {})}
+    raw["supervise"] = {**supervise, **_own(raw, "supervise", dict)}
     # the recipe's own transfers first, so an error's index matches the recipe file
-    raw["transfers"] = list(raw.get("transfers") or []) + transfers
+    raw["transfers"] = list(_own(raw, "transfers", list)) + transfers
     if stages and not raw.get("stages"):
         raw["stages"] = stages
     for key, values in extras.items():
         if values:
-            raw[key] = {**values, **(raw.get(key) or {})}
+            raw[key] = {**values, **_own(raw, key, dict)}
     return raw
+
+
+def _own(raw: dict, key: str, kind: type) -> Any:
+    """The recipe's own `key` (empty if absent), which the methods' graphs merge with: a mapping or a list."""
+    value = raw.get(key) or kind()
+    if not isinstance(value, kind):
+        raise RecipeError(f"{key}: expected a {'mapping' if kind is dict else 'list'}, got {type(value).__name__}")
+    return value

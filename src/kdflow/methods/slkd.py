@@ -22,7 +22,7 @@ we use it for every KD term, the teacher's and the fused SL-Ts'].
 """
 from __future__ import annotations
 
-from kdflow.methods.registry import Graph, register_method
+from kdflow.methods.registry import MAX_MADE_NODES, Graph, register_method
 
 
 def _kd_edge(source, target: str, base: str, temperature: float, weight: float, **extra) -> dict:
@@ -55,8 +55,8 @@ def slkd(
     teacher_to_student: bool = True,
     base: str = "kd",
 ) -> Graph:
-    if num_slts < 1:
-        raise ValueError("num_slts must be at least 1")
+    if not 1 <= num_slts <= MAX_MADE_NODES:
+        raise ValueError(f"num_slts must be between 1 and {MAX_MADE_NODES}, got {num_slts}")
     slts = [f"slt{i + 1}" for i in range(num_slts)]
     lambdas = list(lambdas) if lambdas is not None else [1.0 / num_slts] * num_slts
     if len(lambdas) != num_slts:

@@ -53,7 +53,7 @@ def dkd(
                 "alpha": alpha,
                 "beta": beta,
                 "temperature": temperature,
-                "standardize": standardize,
+                **({"standardize": True} if standardize else {}),  # absent when off: recipes as before
                 "weight": {"value": kd_weight, "warmup_epochs": warmup_epochs},
             }
         ],

@@ -31,7 +31,7 @@ def kd(
                 "to": f"{student}.logits",
                 "criterion": "kl",
                 "temperature": temperature,
-                "standardize": standardize,
+                **({"standardize": True} if standardize else {}),  # absent when off: recipes as before
                 "weight": kd_weight,
             }
         ],

@@ -155,7 +155,7 @@ def nkd(
     s_y = F.log_softmax(z_s, dim=1).gather(1, y)
     t_y = F.softmax(z_t, dim=1).gather(1, y)
     loss_target = -(t_y * s_y).mean()
-    keep = torch.ones_like(z_s, dtype=torch.bool).scatter_(1, y, False)
+    keep = ~_target_mask(z_s, target)
     log_q_s = F.log_softmax(z_s[keep].view(n, c - 1) / temperature, dim=1)
     q_t = F.softmax(z_t[keep].view(n, c - 1) / temperature, dim=1)
     loss_non_target = -gamma * temperature**2 * (q_t * log_q_s).sum(dim=1).mean()

@@ -18,7 +18,7 @@ import torch
 from kdflow.checkpoint import read_model_file
 from kdflow.data import load_dataset
 from kdflow.data.augment import augment_batch
-from kdflow.flow.criteria_bss import MARGIN_EPS, attack_and_teacher_logits, draw_target_classes, select_base_samples
+from kdflow.losses.stateful.adversarial import MARGIN_EPS, attack_and_teacher_logits, draw_target_classes, select_base_samples
 from kdflow.models import build_model
 
 

@@ -288,7 +288,7 @@ def section_cache(b: Bench) -> None:
         with torch.no_grad():
             a = live.flow(xin, y, live.stage, 0, idx)
             c = cached.flow(xin, y, cached.stage, 0, idx, {"teacher.logits": caches["teacher"].lookup(idx, view, x.device)})
-        label = next(t for t in a.terms if t.startswith("kl("))
+        label = next(t for t in a.terms if t.startswith("kd("))
         loss_diff = abs(float(a.terms[label]) - float(c.terms[label]))
         # the lookup alone
         sync(b.device)

@@ -40,7 +40,8 @@ from kdflow.engine.schedule import lr_factor
 from kdflow.engine.teacher_cache import TeacherCache
 from kdflow.engine.train import AUTOCAST, make_optimizers, node_optim, seed_everything
 from kdflow.flow.graph import Flow
-from kdflow.flow.recipe import merge, read_yaml, resolve
+from kdflow.flow.recipe import merge, read_yaml
+from kdflow.methods.recipe import resolve
 from kdflow.flow.spec import Recipe, StageSpec
 from kdflow.methods import METHODS
 from kdflow.models import build_model, count_parameters

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from kdflow.checkpoint import model_file, save_atomic
 from kdflow.flow.graph import Flow
-from kdflow.flow.recipe import load_recipe
+from kdflow.methods.recipe import load_recipe
 from kdflow.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 
 import kdflow
-from kdflow.flow import RecipeError, resolve
+from kdflow.flow import RecipeError
+from kdflow.methods.recipe import resolve
 from kdflow.flow.graph import Flow
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,8 +22,8 @@ from kdflow.models import build_model
 ROOT = Path(__file__).resolve().parents[1] / "recipes"
 # method → (criteria its recipe must hold, extra --set items for a one-epoch run on 64 images)
 BENCHMARK = {
-    "kd": ({"kl"}, []),
-    "fitnet": ({"hint_mse"}, []),
+    "kd": ({"kd"}, []),
+    "fitnet": ({"hint"}, []),
     "at": ({"at"}, []),
     "sp": ({"sp"}, []),
     "cc": ({"cc"}, []),

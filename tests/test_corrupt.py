@@ -19,7 +19,7 @@ from kdflow.data.corrupt import (
     symmetric_noise,
 )
 from kdflow.engine import evaluate, train
-from kdflow.flow import resolve
+from kdflow.methods.recipe import resolve
 
 
 def labels(n_per_class: int = 100, c: int = 10) -> torch.Tensor:

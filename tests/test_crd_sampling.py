@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kdflow.checkpoint import model_file, save_atomic
-from kdflow.flow import resolve
+from kdflow.methods.recipe import resolve
 from kdflow.flow.graph import Flow
 from kdflow.losses import CRDLoss
 from kdflow.models import build_model

@@ -22,7 +22,7 @@ from kdflow.checkpoint import read_model_file
 from kdflow.engine import train
 from kdflow.engine.rundir import read_jsonl
 from kdflow.engine.sync_bn import SyncedBatchNorm2d, convert_batch_norms
-from kdflow.flow import load_recipe
+from kdflow.methods.recipe import load_recipe
 from kdflow.models import build_model
 
 PORT = 29517
@@ -37,7 +37,7 @@ def _recipe(teacher_ckpt: Path, **train_fields) -> dict:
                   "student": {"arch": "convnet_s", "args": {"width": 8}}},
         "method": "kd",
         # a helper with a batch norm (conv1x1 connector), on a tap that is a batch norm (stage1_pre)
-        "transfers": [{"from": "teacher.stage1", "to": "student.stage1_pre", "criterion": "hint_mse", "connector": "conv1x1"}],
+        "transfers": [{"from": "teacher.stage1", "to": "student.stage1_pre", "criterion": "hint", "connector": "conv1x1"}],
         # batch 25: every batch splits 12/13 (the last 10/11), so uneven shards are covered
         "train": {"epochs": 2, "batch_size": 25, "optim": {"lr": 0.1}, **train_fields},
     }

@@ -15,7 +15,7 @@ from conftest import SYNTH
 from kdflow.engine import train
 from kdflow.engine.rundir import read_jsonl
 from kdflow.engine.train import alternating_step, make_optimizers
-from kdflow.flow import resolve
+from kdflow.methods.recipe import resolve
 from kdflow.flow.graph import Flow
 
 OPTIM = {"lr": 0.5, "momentum": 0.9, "weight_decay": 5e-4}  # a large step, so the order shows

@@ -45,7 +45,7 @@ def test_teacher_then_kd_student_on_each_format(dataset: str, tmp_path: Path, ca
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     out = run_cli(capsys, "train", str(path), "--out", str(tmp_path / "run"), "--no-progress")
-    assert "| teacher | convnet_s |" in out and "| student | mlp |" in out and "0.9·kl(teacher.logits)" in out
+    assert "| teacher | convnet_s |" in out and "| student | mlp |" in out and "0.9·kd(teacher.logits)" in out
     ckpt = tmp_path / "run" / "nodes" / "student.pt"
     assert read_model_file(ckpt)["data"]["dataset"] == dataset
     if dataset != "mnist1d":  # eval re-reads the dataset from where the model was trained
@@ -56,9 +56,19 @@ def test_teacher_then_kd_student_on_each_format(dataset: str, tmp_path: Path, ca
 def test_methods_and_describe(capsys) -> None:
     out = run_cli(capsys, "methods")
     assert "kd" in out and "Hinton" in out and "ce" in out
-    out = run_cli(capsys, "describe", "kd")
-    assert "teacher.logits -> student.logits  via kl  (temperature=4.0; weight 0.9; detached)" in out
+    recipes = str(Path(__file__).resolve().parents[1] / "recipes")
+    out = run_cli(capsys, "describe", "kd", "--recipes", recipes)
+    assert "teacher.logits -> student.logits  via kd  (temperature=4.0; weight 0.9; detached)" in out
     assert "student    ce, weight 0.1" in out
+    assert "  temperature            float              4.0\n" in out  # the arguments with their defaults
+    # the variants the recipes define, each with what it changes
+    assert "recipes/methods/kd+ls.yaml: logit_standardization=True, temperature=2.0, kd_weight=9.0" in out
+    assert "recipes/imagenet/protocol.yaml (preset): temperature=1.0, ce_weight=0.5, kd_weight=0.5" in out
     out = run_cli(capsys, "describe", "kd", "--mermaid")
     assert out.startswith("flowchart LR") and 'labels -- "ce ×0.1" --> student' in out
+    # a variant's graph: the arguments given are drawn and marked
+    out = run_cli(capsys, "describe", "kd", "logit_standardization=true", "temperature=2")
+    assert "via kd  (temperature=2; weight 0.9; detached; logit-standardized)" in out
+    assert "  temperature            float              2  * (default 4.0)" in out
     assert main(["describe", "nosuch"]) == 2
+    assert main(["describe", "kd", "tau=2"]) == 2  # an argument kd does not take: one line naming it

@@ -17,7 +17,8 @@ from kdflow.engine import EpochEnd, train
 from kdflow.engine.rundir import read_jsonl
 from kdflow.engine.schedule import lr_factor
 from kdflow.engine.train import load_data
-from kdflow.flow import RecipeError, load_recipe, resolve
+from kdflow.flow import RecipeError
+from kdflow.methods.recipe import load_recipe, resolve
 from kdflow.flow.spec import ScheduleSpec
 
 QUIET = {"progress": False, "log": lambda s: None}
@@ -129,7 +130,7 @@ def test_run_directory_contents(kd_raw: dict, tmp_path: Path) -> None:
     assert env["torch"] == torch.__version__ and env["seed"] == 3 and env["device"] == "cpu"
     rows = read_jsonl(run / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2]
-    assert set(rows[0]["terms"]) == {"ce(student)", "kl(teacher.logits -> student.logits)"}
+    assert set(rows[0]["terms"]) == {"ce(student)", "kd(teacher.logits -> student.logits)"}
     assert summary[0]["node"] == "student" and summary[0]["selected_top1"] is None
     assert summary[0]["test_best_top1"] == max(r["test_top1"] for r in rows) and summary[0]["last_top1"] == rows[-1]["test_top1"]
     assert "test-best top-1 (legacy)" in (run / "summary.md").read_text()

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from conftest import SYNTH
 from kdflow import losses
-from kdflow.flow import resolve
+from kdflow.methods.recipe import resolve
 from kdflow.flow.graph import Flow
 from kdflow.flow.spec import WeightSchedule
 
@@ -35,7 +35,7 @@ def peers(detach: bool) -> dict:
     return {
         "data": SYNTH,
         "nodes": {"a": {"arch": "mlp", "args": {"hidden": [8]}}, "b": {"arch": "convnet_s"}},
-        "transfers": [{"from": "a.logits", "to": "b.logits", "criterion": "kl", "temperature": 2.0, "detach": detach}],
+        "transfers": [{"from": "a.logits", "to": "b.logits", "criterion": "kd", "temperature": 2.0, "detach": detach}],
     }
 
 
@@ -92,7 +92,7 @@ def test_connector_belongs_to_target_node_and_trains() -> None:
         "data": SYNTH,
         "nodes": {"t": {"arch": "convnet_m"}, "s": {"arch": "convnet_s"}},
         "stages": [{"name": "both", "train": ["t", "s"]}],
-        "transfers": [{"from": "t.stage1", "to": "s.stage1", "criterion": "hint_mse", "connector": "conv1x1"}],
+        "transfers": [{"from": "t.stage1", "to": "s.stage1", "criterion": "hint", "connector": "conv1x1"}],
     }
     flow = build(raw)
     conn = list(flow.connectors["0"].parameters())
@@ -120,7 +120,7 @@ def test_fused_sources(weights: list[float] | None, tmp_path) -> None:
         },
         "transfers": [
             {"from": {"fuse": ["t1.logits", "t2.logits"], **({"weights": weights} if weights else {})},
-             "to": "s.logits", "criterion": "kl", "temperature": 3.0, "weight": 2.0}
+             "to": "s.logits", "criterion": "kd", "temperature": 3.0, "weight": 2.0}
         ],
     }
     flow = build(raw)

@@ -13,8 +13,9 @@ from kdflow import losses
 from kdflow.engine import train
 from kdflow.engine.rundir import read_jsonl
 from kdflow.engine.train import load_flow_state
-from kdflow.flow import RecipeError, load_recipe, resolve
-from kdflow.flow.criteria import register_criterion
+from kdflow.flow import RecipeError
+from kdflow.methods.recipe import load_recipe, resolve
+from kdflow.losses.registry import register_criterion
 from kdflow.flow.graph import Flow
 
 
@@ -42,7 +43,7 @@ def pair(tmp_path: Path, **extra) -> dict:
 def test_fan_out_makes_one_transfer_per_target(tmp_path: Path) -> None:
     raw = pair(tmp_path)
     raw["nodes"]["peer"] = {"arch": "mlp"}
-    raw["transfers"] = [{"from": "teacher.logits", "to": ["student.logits", "peer.logits"], "criterion": "kl", "weight": 0.5}]
+    raw["transfers"] = [{"from": "teacher.logits", "to": ["student.logits", "peer.logits"], "criterion": "kd", "weight": 0.5}]
     recipe = resolve(raw)
     assert [t.to for t in recipe.transfers] == ["student.logits", "peer.logits"]
     assert all(t.weight == 0.5 and t.params == {"temperature": 4.0} or t.params == {} for t in recipe.transfers)
@@ -74,7 +75,7 @@ def test_stage_scoped_transfer_and_supervision(tmp_path: Path) -> None:
     raw = pair(
         tmp_path,
         supervise={"student": {"weight": 1.0, "stages": ["finetune"]}},
-        transfers=[{"from": "teacher.stage1", "to": "student.stage1", "criterion": "hint_mse",
+        transfers=[{"from": "teacher.stage1", "to": "student.stage1", "criterion": "hint",
                     "connector": "conv1x1", "stages": ["hint"]}],
         stages=[{"name": "hint", "train": ["student"]}, {"name": "finetune", "train": ["student"]}],
     )
@@ -82,7 +83,7 @@ def test_stage_scoped_transfer_and_supervision(tmp_path: Path) -> None:
     x, y = batch()
     hint, finetune = flow.stages
     flow.set_stage_modes(hint)
-    assert set(flow(x, y, hint, 0).terms) == {"hint_mse(teacher.stage1 -> student.stage1)"}
+    assert set(flow(x, y, hint, 0).terms) == {"hint(teacher.stage1 -> student.stage1)"}
     flow.set_stage_modes(finetune)
     assert set(flow(x, y, finetune, 0).terms) == {"ce(student)"}
     with pytest.raises(RecipeError, match=r"transfers\.0\.stages: no stage 'hnt'"):

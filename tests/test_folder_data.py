@@ -254,7 +254,7 @@ def test_batches_read_ahead_give_the_crops_of_loading_in_order(folder: Path, mon
 def test_an_image_folder_run_is_reproducible_with_reading_ahead(folder: Path, tmp_path: Path) -> None:
     from kdflow.engine import train
     from kdflow.engine.rundir import read_jsonl
-    from kdflow.flow import resolve
+    from kdflow.methods.recipe import resolve
 
     recipe = resolve({
         "name": "folder-twice", "seed": 5,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kdflow.losses import (
-    annealing_kd,
+    annealing_mse,
     annealing_temperature_index,
     dist,
     dkd,
@@ -123,7 +123,7 @@ LOSSES_WITH_TEACHER = {
     "kd": lambda s, t, y: kd(s, t, temperature=4.0),
     "dkd": lambda s, t, y: dkd(s, t, y),
     "dist": lambda s, t, y: dist(s, t),
-    "annealing_kd": lambda s, t, y: annealing_kd(s, t, temperature_index=3),
+    "annealing_kd": lambda s, t, y: annealing_mse(s, t, temperature_index=3),
 }
 LOSSES_STUDENT_ONLY = {
     "tfkd_reg": lambda s, t, y: tfkd_reg(s, y),
@@ -222,12 +222,12 @@ def test_annealing_kd_matches_numpy(k, tmax):
     zs, zt, _ = make(seed=8)
     s, t = zs.numpy().astype(np.float64), zt.numpy().astype(np.float64)
     ref = sum((s[i, j] - k / tmax * t[i, j]) ** 2 for i in range(s.shape[0]) for j in range(s.shape[1])) / s.size
-    close(annealing_kd(zs, zt, k, tmax), ref)
+    close(annealing_mse(zs, zt, k, tmax), ref)
 
 
 def test_annealing_kd_last_step_zero_when_equal():
     zs, _, _ = make(seed=9)
-    assert float(annealing_kd(zs, zs.clone(), 10, 10)) == 0.0
+    assert float(annealing_mse(zs, zs.clone(), 10, 10)) == 0.0
 
 
 def test_annealing_temperature_index_schedule():
@@ -241,7 +241,7 @@ def test_annealing_temperature_index_schedule():
     with pytest.raises(ValueError):
         annealing_temperature_index(-1, 25, 10)
     with pytest.raises(ValueError):
-        annealing_kd(torch.zeros(2, 3), torch.zeros(2, 3), 0, 10)
+        annealing_mse(torch.zeros(2, 3), torch.zeros(2, 3), 0, 10)
 
 
 # --------------------------------------------------------------------------- label smoothing
@@ -340,9 +340,10 @@ def test_logit_standardization_is_a_z_score_and_makes_kd_scale_free() -> None:
     a = zs.numpy()
     want = (a - a.mean(1, keepdims=True)) / (1e-7 + a.std(1, ddof=1, keepdims=True))
     assert np.allclose(losses.standardize(zs).numpy(), want, rtol=0, atol=1e-12)
-    base = losses.kd(zs, zt, 2.0, standardize=True)
-    assert torch.allclose(losses.kd(5 * zs - 2, 0.3 * zt + 7, 2.0, standardize=True), base, rtol=1e-6)  # up to the 1e-7 in the denominator
+    Z = losses.standardize
+    base = losses.kd(Z(zs), Z(zt), 2.0)
+    assert torch.allclose(losses.kd(Z(5 * zs - 2), Z(0.3 * zt + 7), 2.0), base, rtol=1e-6)  # up to the 1e-7 in the denominator
     assert not torch.allclose(losses.kd(5 * zs - 2, 0.3 * zt + 7, 2.0), losses.kd(zs, zt, 2.0))  # plain KD is not
     y = torch.randint(0, 10, (6,), generator=g)
-    assert torch.allclose(losses.dkd(4 * zs + 1, zt - 3, y, 1.0, 8.0, 2.0, standardize=True),
-                          losses.dkd(zs, zt, y, 1.0, 8.0, 2.0, standardize=True), rtol=1e-6)
+    assert torch.allclose(losses.dkd(Z(4 * zs + 1), Z(zt - 3), y, 1.0, 8.0, 2.0),
+                          losses.dkd(Z(zs), Z(zt), y, 1.0, 8.0, 2.0), rtol=1e-6)

@@ -20,9 +20,10 @@ from kdflow import losses
 from kdflow.checkpoint import model_file, save_atomic
 from kdflow.engine import train
 from kdflow.engine.rundir import read_jsonl
-from kdflow.flow import RecipeError, load_recipe, resolve
-from kdflow.flow.criteria import CRITERIA, BuildInfo
-from kdflow.flow.criteria_features import batch_norm_before
+from kdflow.flow import RecipeError
+from kdflow.methods.recipe import load_recipe, resolve
+from kdflow.losses.registry import CRITERIA, BuildInfo
+from kdflow.losses.stateful.features import batch_norm_before
 from kdflow.flow.graph import Flow
 from kdflow.flow.taps import TapRecorder
 from kdflow.methods import METHODS
@@ -427,7 +428,7 @@ def test_helpers_are_checkpointed_and_restored(tmp_path: Path, name: str) -> Non
 # ---------------------------------------------------------------------------------------
 
 STAGED = {
-    "fitnet": ({"hint_epochs": 1}, ["hint", "main"], "hint_mse(teacher.stage2 -> student.stage2)"),
+    "fitnet": ({"hint_epochs": 1}, ["hint", "main"], "hint(teacher.stage2 -> student.stage2)"),
     "fsp": ({}, ["init", "main"], "fsp(teacher.stem+teacher.stage1+teacher.stage2 -> student.stem+student.stage1+student.stage2)"),
     "ab": ({}, ["init", "main"], "ab(teacher.stage1_pre+teacher.stage2_pre -> student.stage1_pre+student.stage2_pre)"),
     "ft": ({}, ["paraphrase", "main"], "ft(teacher.stage2 -> student.stage2)"),
@@ -495,11 +496,11 @@ def test_combination_weights(tmp_path: Path) -> None:
         return recipe.supervise["student"].weight, {t.criterion: t.weight for t in recipe.transfers}
 
     ce_w, ws = weights("kd+at")
-    assert ce_w == 1.0 and ws == {"kl": 1.0, "at": 1000.0}
+    assert ce_w == 1.0 and ws == {"kd": 1.0, "at": 1000.0}
     ce_w, ws = weights("crd+kd")
-    assert ce_w == 1.0 and ws == {"crd": 0.8, "kl": 1.0}
+    assert ce_w == 1.0 and ws == {"crd": 0.8, "kd": 1.0}
     ce_w, ws = weights("dkd+fitnet")
-    assert ce_w == 1.0 and ws["hint_mse"] == 100.0 and ws["dkd"].value == 1.0 and ws["dkd"].warmup_epochs == 20
+    assert ce_w == 1.0 and ws["hint"] == 100.0 and ws["dkd"].value == 1.0 and ws["dkd"].warmup_epochs == 20
 
 
 # ---------------------------------------------------------------------------------------

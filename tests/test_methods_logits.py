@@ -13,8 +13,8 @@ import torch
 
 from conftest import SYNTH, make_teacher
 from kdflow.engine import train
-from kdflow.flow import resolve
-from kdflow.flow.criteria_bss import BSSLoss, attack_and_teacher_logits, bss_attack, bss_weights, draw_target_classes, select_base_samples
+from kdflow.methods.recipe import resolve
+from kdflow.losses.stateful.adversarial import BSSLoss, attack_and_teacher_logits, bss_attack, bss_weights, draw_target_classes, select_base_samples
 from kdflow.flow.graph import Flow
 from kdflow.methods import METHODS, method_graph
 
@@ -155,7 +155,7 @@ def test_method_stages_are_used_unless_the_recipe_gives_its_own(tmp_path: Path) 
 
 
 def test_recipe_files_compose_with_the_fashion_mnist_pair() -> None:
-    from kdflow.flow import load_recipe
+    from kdflow.methods.recipe import load_recipe
 
     root = Path(__file__).resolve().parents[1] / "recipes"
     for method in LOGIT_METHODS:
@@ -454,5 +454,5 @@ def test_one_epoch_run_finishes(method: str, args: dict, tmp_path: Path) -> None
     stages = [r["stage"] for r in records]
     if method == "annealing_kd":
         assert stages == ["anneal", "finetune"]
-        assert set(records[0]["terms"]) == {next(k for k in records[0]["terms"] if k.startswith("annealing_mse"))}
+        assert set(records[0]["terms"]) == {next(k for k in records[0]["terms"] if k.startswith("annealing_kd"))}
     assert all(r["node"] == "student" and np.isfinite(r["total_loss"]) for r in records)

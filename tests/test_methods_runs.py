@@ -8,7 +8,7 @@ import pytest
 
 from kdflow.engine import train
 from kdflow.engine.rundir import read_jsonl
-from kdflow.flow import resolve
+from kdflow.methods.recipe import resolve
 from kdflow.methods import METHODS
 
 QUIET = {"progress": False, "log": lambda s: None}

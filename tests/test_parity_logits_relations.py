@@ -82,3 +82,10 @@ def test_nkd_equals_the_authors_loss(pair: str, tmp_path: Path) -> None:
     """recipes/methods/nkd.yaml against yzd-v/cls_KD's NKDLoss plus the student's cross-entropy (fixture nkd.json)."""
     fixture = read_fixture("nkd")
     check("nkd", pair, tmp_path, fixture["inputs"]["overrides"], fixture["values"][pair], fixture["inputs"]["epoch"])
+
+
+@pytest.mark.parametrize("pair", PAIRS)
+def test_wttm_equals_the_authors_loss(pair: str, tmp_path: Path) -> None:
+    """recipes/methods/wttm.yaml against zkxufo/TTM's WTTM (γ 0.2) added to CE with weight 4 (fixture wttm.json)."""
+    fixture = read_fixture("wttm")
+    check("wttm", pair, tmp_path, fixture["inputs"]["overrides"], fixture["values"][pair], fixture["inputs"]["epoch"])

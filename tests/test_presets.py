@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kdflow.flow import RecipeError, load_recipe
+from kdflow.flow import RecipeError
+
+from kdflow.methods.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -71,7 +73,7 @@ def _term(recipe, criterion: str):
     (["cifar100/protocol.yaml", "cifar100/pairs/resnet32x4-ShuffleV2.yaml", "methods/reviewkd.yaml"], "reviewkd", "weight", 8.0),
     (["cifar100/protocol.yaml", "cifar100/pairs/resnet56-resnet20.yaml", "methods/reviewkd.yaml"], "reviewkd", "weight", 0.6),
     (["cifar100/protocol.yaml", "cifar100/pairs/resnet32x4-resnet8x4.yaml", "methods/reviewkd.yaml"], "reviewkd", "weight", 5.0),
-    (["imagenet/protocol.yaml", "imagenet/pairs/resnet34-resnet18.yaml", "methods/kd.yaml"], "kl", "temperature", 1.0),
+    (["imagenet/protocol.yaml", "imagenet/pairs/resnet34-resnet18.yaml", "methods/kd.yaml"], "kd", "temperature", 1.0),
     (["imagenet/protocol.yaml", "imagenet/pairs/resnet34-resnet18.yaml", "methods/dkd.yaml"], "dkd", "beta", 0.5),
     (["cifar100/protocol.yaml", "cifar100/pairs/resnet32x4-resnet8x4.yaml", "methods/dkd+fitnet.yaml"], "dkd", "beta", 8),
     (["cifar100/protocol.yaml", "cifar100/pairs/vgg13-MobileNetV2.yaml", "methods/dkd+fitnet.yaml"], "dkd", "beta", 6),

@@ -10,7 +10,8 @@ import yaml
 from conftest import SYNTH, make_teacher
 from kdflow.cli import main
 from kdflow.engine import train
-from kdflow.flow import RecipeError, load_recipe, resolve
+from kdflow.flow import RecipeError
+from kdflow.methods.recipe import load_recipe, resolve
 
 
 def fails(raw: dict, tmp_path: Path, pattern: str) -> str:
@@ -28,7 +29,7 @@ def hint_raw(teacher: Path, **transfer) -> dict:
         "data": SYNTH,
         "nodes": {"teacher": {"arch": "convnet_m", "checkpoint": str(teacher), "role": "frozen"}, "student": {"arch": "convnet_s"}},
         "supervise": {"student": 1.0},
-        "transfers": [{"from": "teacher.stage1", "to": "student.stage1", "criterion": "hint_mse", **transfer}],
+        "transfers": [{"from": "teacher.stage1", "to": "student.stage1", "criterion": "hint", **transfer}],
     }
 
 
@@ -42,9 +43,9 @@ def hint_raw(teacher: Path, **transfer) -> dict:
         (lambda r: r.update(method={"name": "kd", "temprature": 3}), r"method\.kd: unknown field 'temprature'"),
         (lambda r: r.update(transfers=[{"from": "teacher.logits", "to": "student.logits", "criterion": "kll"}]),
          r"transfers\.0: unknown criterion 'kll'"),
-        (lambda r: r.update(transfers=[{"from": "teacher.logits", "to": "student.logits", "criterion": "kl", "tau": 2}]),
-         r"transfers\.0: unknown field 'tau': criterion 'kl' takes temperature"),
-        (lambda r: r.update(transfers=[{"from": "teacher.logits", "to": "pupil.logits", "criterion": "kl"}]),
+        (lambda r: r.update(transfers=[{"from": "teacher.logits", "to": "student.logits", "criterion": "kd", "tau": 2}]),
+         r"transfers\.0: unknown field 'tau': criterion 'kd' takes temperature"),
+        (lambda r: r.update(transfers=[{"from": "teacher.logits", "to": "pupil.logits", "criterion": "kd"}]),
          r"transfers\.0\.to: tap 'pupil\.logits' must be NODE\.TAP"),
         (lambda r: r.update(supervise={"pupil": 1.0}), r"supervise\.pupil: no such node"),
         (lambda r: r["nodes"]["student"].update(arch="resnet9000"), r"nodes\.student\.arch: unknown architecture 'resnet9000'"),

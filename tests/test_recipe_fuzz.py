@@ -131,9 +131,9 @@ def bases(workdir: Path) -> dict[str, dict]:
             "nodes": {"teacher": {"arch": "convnet_l", "checkpoint": teacher}, "student": {"arch": "convnet_s"}},
             "supervise": {"student": 0.1},
             "transfers": [
-                {"from": "teacher.logits", "to": "student.logits", "criterion": "kl", "temperature": 4,
+                {"from": "teacher.logits", "to": "student.logits", "criterion": "kd", "temperature": 4,
                  "weight": {"value": 0.9, "warmup_epochs": 1}},
-                {"from": "teacher.stage2", "to": "student.stage2", "criterion": "hint_mse", "connector": "conv1x1",
+                {"from": "teacher.stage2", "to": "student.stage2", "criterion": "hint", "connector": "conv1x1",
                  "weight": 10, "stages": ["main"]},
             ],
             "stages": [{"name": "main"}],
@@ -377,7 +377,7 @@ FOUND = [
     # flow/spec.py: a criterion's or a supervision loss's parameter of the wrong type (the latter failed only at the
     # first training step, after the run directory was written)
     pytest.param(edit("graph", (("transfers", 0, "temperature"), "abc")),
-                 r"^transfers\.0: temperature: Input should be a valid number, got 'abc' \(criterion 'kl'\)$",
+                 r"^transfers\.0: temperature: Input should be a valid number, got 'abc' \(criterion 'kd'\)$",
                  id="criterion-param-type"),
     pytest.param(edit("graph", (("supervise", "student"), {"loss": "tfkd_reg", "temperature": "x"})),
                  r"^supervise\.student: temperature: Input should be a valid number", id="loss-param-type"),
@@ -406,7 +406,7 @@ FOUND = [
     pytest.param(edit("graph", (("nodes", "student", "args"), {"width": -1})),
                  r"^nodes\.student\.args: Trying to create tensor with negative dimension -1", id="width-negative"),
     pytest.param(edit("graph", (("transfers", 0, "temperature"), 2**63)),
-                 r"^transfers\.0: criterion 'kl' fails with its parameters \(temperature=9223372036854775808\): ",
+                 r"^transfers\.0: criterion 'kd' fails with its parameters \(temperature=9223372036854775808\): ",
                  id="criterion-param-int-overflow"),
     pytest.param(edit("crd", (("method",), {"name": "crd", "feat_dim": 0})),
                  r"^transfers\.0: criterion 'crd': float division by zero$", id="crd-feat-dim-0"),

@@ -11,7 +11,8 @@ import torch
 from conftest import SYNTH
 from kdflow.checkpoint import read_model_file
 from kdflow.engine import train
-from kdflow.flow import RecipeError, resolve
+from kdflow.flow import RecipeError
+from kdflow.methods.recipe import resolve
 from kdflow.models import build_model
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "repdistiller_state_keys.json").read_text())

@@ -27,7 +27,8 @@ from kdflow.engine.evaluate import evaluate
 from kdflow.engine.nonfinite import NonFiniteError, check_evaluation, check_state
 from kdflow.engine.rundir import read_jsonl
 from kdflow.engine.train import _same_recipe
-from kdflow.flow import RecipeError, resolve
+from kdflow.flow import RecipeError
+from kdflow.methods.recipe import resolve
 from kdflow.flow.recipe import dump_recipe
 from kdflow.flow.graph import Flow
 from kdflow.models import build_model

@@ -12,7 +12,8 @@ from conftest import SYNTH, make_teacher
 from kdflow.checkpoint import read_model_file, save_atomic
 from kdflow.engine import EpochEnd, train
 from kdflow.engine.rundir import read_jsonl
-from kdflow.flow import RecipeError, resolve
+from kdflow.flow import RecipeError
+from kdflow.methods.recipe import resolve
 from kdflow.flow.graph import Flow
 
 QUIET = {"progress": False, "log": lambda s: None}
@@ -65,7 +66,7 @@ def test_slkd_losses_match_the_formula(tmp_path: Path) -> None:
     slt = [a * ce(z[s], yn) + b * kl(z["teacher"], z[s], tau) for s in ["slt1", "slt2"]]
     student = a * ce(z["student"], yn) + b * kl(z["teacher"], z["student"], tau) + g * (c * ce(z["student"], yn) + d * kl(zf, z["student"], tau))
     assert out.total.item() == pytest.approx(sum(slt) + student, rel=1e-5)
-    assert out.terms["kl(slt1.logits+slt2.logits -> student.logits)"].item() == pytest.approx(kl(zf, z["student"], tau), rel=1e-5)
+    assert out.terms["kd(slt1.logits+slt2.logits -> student.logits)"].item() == pytest.approx(kl(zf, z["student"], tau), rel=1e-5)
 
 
 @pytest.mark.parametrize("detach", [False, True])
@@ -95,8 +96,8 @@ def test_dml_each_peer_learns_from_the_others_detached() -> None:
     flow.set_stage_modes(stage)
     x, y = batch()
     out = flow(x, y, stage, 0)
-    term = out.terms["kl(peer2.logits -> peer1.logits)"]
-    assert out.weights["kl(peer2.logits -> peer1.logits)"] == 0.5
+    term = out.terms["kd(peer2.logits -> peer1.logits)"]
+    assert out.weights["kd(peer2.logits -> peer1.logits)"] == 0.5
     g1 = torch.autograd.grad(term, list(flow.models["peer1"].parameters()), retain_graph=True, allow_unused=True)
     g2 = torch.autograd.grad(term, list(flow.models["peer2"].parameters()), retain_graph=True, allow_unused=True)
     assert any(g is not None for g in g1) and all(g is None for g in g2)
@@ -121,7 +122,7 @@ def test_dgkd_drops_exactly_the_requested_number(tmp_path: Path) -> None:
     seen = set()
     for _ in range(20):
         out = flow(x, y, stage, 0)
-        kept = [k for k in out.terms if k.startswith("kl(") and k.endswith("-> student.logits)")]
+        kept = [k for k in out.terms if k.startswith("kd(") and k.endswith("-> student.logits)")]
         assert len(out.dropped) == 2 and len(kept) == 1  # three guides, two dropped
         assert all(d.endswith("-> student.logits)") for d in out.dropped)  # the assistants' own terms never drop
         seen.add(kept[0])
@@ -254,7 +255,7 @@ SCHEME_RECIPES = {
 @pytest.mark.parametrize("name", sorted(SCHEME_RECIPES))
 def test_scheme_recipe_builds_against_the_fashion_pair(name: str, tmp_path: Path) -> None:
     from kdflow.checkpoint import model_file, save_atomic
-    from kdflow.flow import load_recipe
+    from kdflow.methods.recipe import load_recipe
     from kdflow.models import build_model
 
     root = Path(__file__).resolve().parents[1] / "recipes"

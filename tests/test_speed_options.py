@@ -12,7 +12,7 @@ import torch
 from kdflow.checkpoint import read_model_file
 from kdflow.engine import train
 from kdflow.engine.rundir import read_jsonl
-from kdflow.flow import resolve
+from kdflow.methods.recipe import resolve
 
 QUIET = {"progress": False, "log": lambda s: None}
 

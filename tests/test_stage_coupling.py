@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import SYNTH
-from kdflow.flow import RecipeError, resolve
+from kdflow.flow import RecipeError
+from kdflow.methods.recipe import resolve
 
 
 def raw(method) -> dict:

@@ -6,7 +6,7 @@ import torch
 
 from kdflow.flow.errors import RecipeError
 from kdflow.flow.graph import Flow
-from kdflow.flow.recipe import resolve
+from kdflow.methods.recipe import resolve
 from kdflow.flow.stage_taps import expand_stage_taps, stage_list
 from kdflow.models import build_model
 
@@ -45,7 +45,7 @@ def expand(teacher: str, student: str, transfers: list[dict]) -> list[tuple]:
 
 def test_all_stages_repeats_the_transfer_per_stage() -> None:
     got = expand("resnet32x4", "resnet8x4", [
-        {"from": "teacher.logits", "to": "student.logits", "criterion": "kl"},
+        {"from": "teacher.logits", "to": "student.logits", "criterion": "kd"},
         {"from": "teacher.all_stages", "to": "student.all_stages", "criterion": "at", "weight": 1000},
     ])
     assert got == [(["teacher.logits"], ["student.logits"], 0)] + [

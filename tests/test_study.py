@@ -13,7 +13,8 @@ import yaml
 
 import kdflow.study.execute as execute_mod
 from kdflow.engine import EpochEnd
-from kdflow.flow import RecipeError, resolve
+from kdflow.flow import RecipeError
+from kdflow.methods.recipe import resolve
 from kdflow.study.grid import expand, parse_shard, shard
 from kdflow.study.locks import file_lock
 from kdflow.study.report import markdown_table, write_report

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kdflow.checkpoint import model_file, save_atomic
-from kdflow.flow import resolve
+from kdflow.methods.recipe import resolve
 from kdflow.flow.graph import Flow
 from kdflow.models import build_model
 from kdflow.study.grid import expand

@@ -14,7 +14,7 @@ from kdflow.data.views import apply_views, make_view_table, view_of
 from kdflow.engine import train
 from kdflow.engine.rundir import read_jsonl
 from kdflow.engine.teacher_cache import TeacherCache
-from kdflow.flow import resolve
+from kdflow.methods.recipe import resolve
 
 QUIET = {"progress": False, "log": lambda s: None}
 

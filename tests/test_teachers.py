@@ -8,7 +8,8 @@ import pytest
 
 from formats import make_cifar100
 from kdflow.cli import main
-from kdflow.flow import RecipeError, load_recipe
+from kdflow.flow import RecipeError
+from kdflow.methods.recipe import load_recipe
 from kdflow.flow.graph import load_node_checkpoint
 from kdflow.models import build_model
 from kdflow.teachers import read_registry

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdflow.flow.supervision import tfkd_reg_ce
+from kdflow.losses import tfkd_reg_ce
 from kdflow.losses import tfkd_reg, tfkd_reg_released
 from parity_harness import build_flow, fixed_batch, loss_and_grad_norm, read_fixture, rel
 

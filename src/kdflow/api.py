@@ -15,60 +15,17 @@ from __future__ import annotations
 import copy
 import inspect
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from kdflow.flow.errors import RecipeError
 from kdflow.flow.graph import Flow, FlowOutput
-from kdflow.flow.recipe import resolve
+from kdflow.methods.recipe import resolve
 from kdflow.flow.spec import Recipe, StageSpec
-
-
-@dataclass
-class FlowGraph:
-    """A method's graph (plain data, the recipe's shape) with the user's models bound to its nodes."""
-
-    method: str
-    graph: dict[str, Any]
-    models: dict[str, nn.Module] = field(default_factory=dict)
-
-
-def _bind(name: str, fn: Callable[..., dict], kwargs: dict[str, Any]) -> FlowGraph:
-    """Call method `fn` with node names in place of the nn.Modules the user passed."""
-    params = inspect.signature(fn).parameters
-    args, models = {}, {}
-    for key, value in kwargs.items():
-        if key not in params:
-            raise TypeError(f"{name}() got an unexpected argument {key!r}; it takes {', '.join(params)}")
-        if isinstance(value, nn.Module):
-            args[key] = key  # the node is named after the argument: teacher=..., student=...
-            models[key] = value
-        elif isinstance(value, (list, tuple)) and value and all(isinstance(v, nn.Module) for v in value):
-            default = params[key].default
-            names = list(default) if isinstance(default, (list, tuple)) and len(default) == len(value) else [f"{key}{i + 1}" for i in range(len(value))]
-            args[key] = names
-            models.update(zip(names, value))
-        else:
-            args[key] = value
-    return FlowGraph(name, fn(**args), models)
-
-
-def method_api(name: str) -> Callable[..., FlowGraph]:
-    """The public callable `kdflow.methods.NAME(...)`: node arguments take nn.Modules, the rest the defaults."""
-    from kdflow.methods.registry import METHODS
-
-    fn = METHODS[name].fn
-
-    def call(**kwargs: Any) -> FlowGraph:
-        return _bind(name, fn, kwargs)
-
-    call.__name__ = name
-    call.__doc__ = f"{METHODS[name].citation}.\n\nArguments as in the method's graph; pass nn.Modules for its nodes.\n\n{fn.__doc__ or ''}"
-    call.__signature__ = inspect.signature(fn)  # type: ignore[attr-defined]
-    return call
+from kdflow.losses.registry import CRITERIA
+from kdflow.methods.binding import FlowGraph
 
 
 class Distiller(nn.Module):
@@ -209,8 +166,6 @@ class Distiller(nn.Module):
 
 
 def _is_module_criterion(name: str) -> bool:
-    from kdflow.flow.criteria import CRITERIA
-
     return name in CRITERIA and CRITERIA[name].module
 
 

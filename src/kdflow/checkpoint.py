@@ -1,6 +1,7 @@
 """Checkpoint files: written atomically, read without unpickling arbitrary objects."""
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -66,6 +67,21 @@ def write_atomic(path: str | Path, write: Callable[[IO], None], mode: str = "wb"
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write `text` to `path` atomically (`write_atomic`)."""
+    write_atomic(path, lambda f: f.write(text), "w")
+
+
+def sha256_of(*paths: str | Path) -> str:
+    """The SHA-256 of the files' bytes, read in order (one digest for a multi-file teacher cache)."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:

@@ -7,6 +7,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 from kdflow.cli_study import add_study_commands
 from kdflow.flow.errors import RecipeError
@@ -16,7 +17,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from kdflow.engine import train
-    from kdflow.flow import load_recipe
+    from kdflow.methods.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.set)
     # composed recipes (protocol + pair + method) are named by their files, so each combination has its own folder
@@ -34,7 +35,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_teacher_train(args: argparse.Namespace) -> int:
     from kdflow.engine import train
-    from kdflow.flow import load_recipe
+    from kdflow.methods.recipe import load_recipe
     from kdflow.teachers import register_teacher, registry_path
 
     if args.recipe:
@@ -132,18 +133,36 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 def cmd_describe(args: argparse.Namespace) -> int:
     from kdflow.flow.describe import describe_markdown, describe_mermaid, describe_text
+    from kdflow.flow.recipe import parse_override
     from kdflow.methods import METHODS, method_graph
+    from kdflow.methods.variants import arguments, recipe_variants
 
     if args.method == "all":
         print(describe_markdown(METHODS))
         return 0
-    graph = method_graph(args.method)
-    m = METHODS[args.method]
+    if args.method not in METHODS:
+        raise RecipeError(f"describe: unknown method {args.method!r}; known: {', '.join(sorted(METHODS))}")
+    chosen: dict[str, Any] = {}
+    for item in args.args:
+        path, value = parse_override(item)
+        chosen[".".join(path)] = value
+    graph = method_graph(args.method, **chosen)
     if args.mermaid:
         print(describe_mermaid(graph))
-    else:
-        print(f"{m.name}: {m.citation}  [{m.knowledge}]")
-        print(describe_text(graph))
+        return 0
+    m = METHODS[args.method]
+    print(f"{m.name}: {m.citation}  [{m.knowledge}]")
+    print(describe_text(graph))
+    print("arguments (default; * = set here):")
+    for arg, default, kind in arguments(args.method):
+        shown = f"{chosen[arg]!r}  * (default {default!r})" if arg in chosen else repr(default)
+        print(f"  {arg:<22} {kind:<18} {shown}")
+    root = Path(args.recipes)
+    variants = recipe_variants(args.method, root) if root.is_dir() else []
+    if variants:
+        print(f"variants in {root}/ (what each changes; `kdflow describe {args.method} KEY=VALUE ...` draws one):")
+        for where, changes in variants:
+            print(f"  {where}: " + ", ".join(f"{k}={v}" for k, v in changes.items()))
     return 0
 
 
@@ -190,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("describe", help="show a method's flow graph")
     d.add_argument("method", help="a method name, or 'all' for every method as Markdown (text and Mermaid)")
+    d.add_argument("args", nargs="*", metavar="KEY=VALUE", help="method arguments: draw that variant's graph")
+    d.add_argument("--recipes", default="recipes", help="folder whose recipes' variants of the method are listed")
     d.add_argument("--mermaid", action="store_true", help="print a Mermaid flowchart")
     d.set_defaults(fn=cmd_describe)
 

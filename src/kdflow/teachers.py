@@ -7,14 +7,13 @@ never a silent partial load.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from kdflow.engine.rundir import write_text_atomic
+from kdflow.checkpoint import sha256_of, write_text_atomic
 from kdflow.flow.errors import RecipeError
 
 PREFIX = "registry:"
@@ -22,14 +21,6 @@ PREFIX = "registry:"
 
 def registry_path() -> Path:
     return Path(os.environ.get("KDFLOW_TEACHERS", "teachers")) / "registry.json"
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_registry(path: Path | None = None) -> dict[str, dict[str, Any]]:

@@ -9,7 +9,7 @@ def _weight(w: float | WeightSchedule) -> str:
 
 
 def objective(recipe: Recipe, node: str) -> str:
-    """A node's loss in words, e.g. '0.1·ce + 0.9·kl(teacher.logits)'."""
+    """A node's loss in words, e.g. '0.1·ce + 0.9·kd(teacher.logits)'."""
     parts = []
     if node in recipe.supervise:
         sup = recipe.supervise[node]

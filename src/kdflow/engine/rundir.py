@@ -12,12 +12,7 @@ from typing import Any
 import torch
 
 import kdflow
-from kdflow.checkpoint import write_atomic
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` atomically (`checkpoint.write_atomic`)."""
-    write_atomic(path, lambda f: f.write(text), "w")
+from kdflow.checkpoint import write_text_atomic  # noqa: F401  (re-exported: the run directory's writers)
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:

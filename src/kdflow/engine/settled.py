@@ -16,16 +16,16 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from kdflow.checkpoint import read_model_file
+from kdflow.checkpoint import read_model_file, sha256_of
 from kdflow.flow.errors import RecipeError
 from kdflow.flow.spec import Recipe, StageSpec
+from kdflow.teachers import resolve_checkpoint
 
 _hashes: dict[tuple[str, int, int], str] = {}  # (path, mtime_ns, size) -> sha256: each file is hashed once
 
 
-def file_sha256(path: Path) -> str:
-    from kdflow.teachers import sha256_of  # kdflow.teachers imports the engine
-
+def cached_sha256(path: Path) -> str:
+    """`sha256_of(path)`, computed once per (path, mtime, size)."""
     st = path.stat()
     key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
     if key not in _hashes:
@@ -35,8 +35,6 @@ def file_sha256(path: Path) -> str:
 
 def settled_files(recipe: Recipe, stages: list[StageSpec], stage_index: int, out: Path) -> dict[str, Path]:
     """The settled nodes from stage `stage_index` on, each with the file that holds its weights."""
-    from kdflow.teachers import resolve_checkpoint  # kdflow.teachers imports the engine
-
     later = {n for s in stages[stage_index:] for n in s.train}
     earlier = {n for s in stages[:stage_index] for n in s.train}
     files = {}
@@ -60,7 +58,7 @@ def without_settled(state: dict[str, Any], files: dict[str, Path], out: Path) ->
     refs = {}
     for node, path in files.items():
         own = path == out / "nodes" / f"{node}.pt"
-        refs[node] = {"file": f"nodes/{node}.pt" if own else str(path), "sha256": file_sha256(path)}
+        refs[node] = {"file": f"nodes/{node}.pt" if own else str(path), "sha256": cached_sha256(path)}
     prefixes = tuple(_prefix(n) for n in files)
     return {k: v for k, v in state.items() if not k.startswith(prefixes)}, refs
 
@@ -77,7 +75,7 @@ def restore_settled(models: nn.ModuleDict, refs: dict[str, dict], files: dict[st
         path = files[node]
         if not path.is_file():
             raise RecipeError(f"--resume: {path} (the weights of node {node}, referenced by last.pt) is missing")
-        digest = file_sha256(path)
+        digest = cached_sha256(path)
         if digest != ref["sha256"]:
             raise RecipeError(
                 f"--resume: {path} changed since last.pt referenced it as node {node}'s weights "

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from kdflow.data.base import ArrayDataset
 from kdflow.data.loader import load_inputs
 from kdflow.data.views import ViewTable, apply_views
-from kdflow.engine.rundir import write_text_atomic
+from kdflow.checkpoint import sha256_of, write_text_atomic
 from kdflow.flow.taps import model_logits
 
 try:
@@ -45,15 +45,6 @@ def state_hash(model: nn.Module) -> str:
         t = tensor.detach().cpu().contiguous().reshape(-1)  # 1-d: 0-d tensors cannot be viewed as bytes
         h.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def file_sha256(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
     return h.hexdigest()
 
 
@@ -103,7 +94,7 @@ class TeacherCache:
         if not self.meta_path.exists() or not all(f.exists() for f in self.files):
             return "missing"
         meta = json.loads(self.meta_path.read_text())
-        if meta.get("key") != self.key or meta.get("sha256") != file_sha256(self.files):
+        if meta.get("key") != self.key or meta.get("sha256") != sha256_of(*self.files):
             return "corrupted"
         self.values = np.load(self.files[0], mmap_mode="r", allow_pickle=False)
         self.indices = np.load(self.files[1], mmap_mode="r", allow_pickle=False) if self.topk else None
@@ -159,7 +150,7 @@ class TeacherCache:
             del indices
         for t, f in zip(tmp, self.files):
             os.replace(t, f)
-        write_text_atomic(self.meta_path, json.dumps({"key": self.key, "sha256": file_sha256(self.files)}, indent=2))
+        write_text_atomic(self.meta_path, json.dumps({"key": self.key, "sha256": sha256_of(*self.files)}, indent=2))
         assert self.open() == "ok"
 
     def lookup(self, indices: torch.Tensor, views: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -32,6 +32,7 @@ from kdflow.data.base import DatasetError
 from kdflow.data.corrupt import NOISE, imbalance_indices
 from kdflow.data.loader import batches, load_inputs, num_batches, seeded_generator, select, stratified_split, subset, to_device
 from kdflow.data.views import ViewTable, apply_views, make_view_table, view_of
+from kdflow.engine import dot
 from kdflow.engine.distributed import DistInfo, all_reduce_sum, average_gradients, init_distributed, sync_buffers
 from kdflow.engine.evaluate import evaluate, evaluate_ensemble, topk_correct
 from kdflow.engine.nonfinite import StepGuard, check_evaluation, check_state
@@ -48,7 +49,8 @@ from kdflow.engine.sync_bn import convert_batch_norms
 from kdflow.engine.teacher_cache import TeacherCache, state_hash
 from kdflow.flow.errors import RecipeError
 from kdflow.flow.graph import Flow, FlowOutput
-from kdflow.flow.recipe import dump_recipe, resolve
+from kdflow.flow.recipe import dump_recipe
+from kdflow.methods.recipe import resolve
 from kdflow.flow.spec import OptimSpec, Recipe, StageSpec
 from kdflow.models import count_parameters
 
@@ -174,6 +176,10 @@ def make_optimizers(flow: Flow, recipe: Recipe, stage: StageSpec) -> dict[str, t
     optimizers = {}
     for node in stage.train:
         o = node_optim(recipe, node)
+        if o.name == "dot":  # two momenta, for the supervised and the distillation gradient (engine/dot.py)
+            optimizers[node] = dot.DOT(flow.parameters_of(node), lr=o.lr, momentum=o.momentum, delta=o.delta,
+                                       weight_decay=o.weight_decay)
+            continue
         optimizers[node] = torch.optim.SGD(
             flow.parameters_of(node), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov
         )
@@ -269,6 +275,11 @@ def train_epoch(
             after = (lambda: average_gradients(helper_params, dist_info.world)) if dist_info.enabled else None
             out = alternating_step(flow, stage, x, yb, epoch, idx, cached, optimizers, scaler, after, share,
                                    guard, step + 1)
+        elif recipe.train.optim.name == "dot":  # two backward passes, one step (engine/dot.py)
+            guard.snapshot()
+            out = flow(x, yb, stage, epoch, idx, cached)
+            dot.backward_and_step(out, dot.supervised_labels(recipe, stage), optimizers,
+                                  lambda: guard.ok(out.total, list(stage.train), step + 1, out))
         else:
             guard.snapshot()
             out = flow(x, yb, stage, epoch, idx, cached)
@@ -531,6 +542,7 @@ def _train(
     dist_info = init_distributed()
     if not dist_info.main:
         progress, log = False, lambda s: None
+    dot.check_recipe(recipe, dist_info.enabled, log)  # what DOT (train.optim.name: dot) does not support
     if progress is None:
         progress = sys.stderr.isatty()
     seed_everything(recipe.seed)

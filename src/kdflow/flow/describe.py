@@ -53,6 +53,8 @@ def describe_text(graph: dict[str, Any]) -> str:
     for t in transfers:
         extras = [", ".join(f"{k}={v}" for k, v in t.params.items()), f"weight {_w(t.weight)}"]
         extras.append("detached" if t.detach else "not detached")
+        if t.logit_standardization:
+            extras.append("logit-standardized")
         if t.connector:
             extras.append(f"connector {t.connector.kind}")
         if t.stages:

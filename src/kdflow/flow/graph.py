@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from kdflow.checkpoint import read_model_file, state_dict_mismatch
 from kdflow.flow.batch_norm import batch_statistics
 from kdflow.flow.connectors import build_connector
-from kdflow.flow.criteria import CRITERIA, BuildInfo
 from kdflow.flow.errors import RecipeError
 from kdflow.flow.spec import (
     FuseSpec,
@@ -26,10 +25,13 @@ from kdflow.flow.spec import (
     TransferSpec,
     weight_at,
 )
-from kdflow.flow.supervision import SUPERVISION
+from kdflow.losses.registry import SUPERVISION
 from kdflow.flow.stage_taps import expand_stage_taps
 from kdflow.flow.taps import TapRecorder, resolve_module
 from kdflow.models import build_model
+from kdflow.losses.logits import standardize
+from kdflow.losses.registry import CRITERIA, BuildInfo
+from kdflow.teachers import resolve_checkpoint
 
 
 def split_tap(tap: str) -> tuple[str, str]:
@@ -67,8 +69,6 @@ def _seeded_build(recipe: Recipe, name: str, index: int, num_classes: int, input
 
 
 def load_node_checkpoint(model: nn.Module, name: str, spec_arch: str, path: str) -> None:
-    from kdflow.teachers import resolve_checkpoint
-
     path = resolve_checkpoint(path, f"nodes.{name}.checkpoint")
     try:
         ckpt = read_model_file(path)
@@ -403,6 +403,8 @@ class Flow(nn.Module):
             target = taps[t.targets[0]]
             if str(index) in self.connectors:
                 target = self.connectors[str(index)](target)
+            if t.logit_standardization:
+                source, target = standardize(source), standardize(target)
         crit = CRITERIA[t.criterion]
         if crit.module:
             return crit.call(self.criterion_modules[str(index)], target, source, {}, context)

@@ -52,22 +52,6 @@ def format_validation_error(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def resolve(raw: dict, source: str = "recipe") -> Recipe:
-    """Expand methods into the graph and validate; any fault is one RecipeError line naming the place."""
-    from kdflow.methods import expand_methods
-
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{source}: a recipe is a mapping, got {type(raw).__name__}")
-    try:
-        expanded = expand_methods(raw)
-    except RecipeError as e:
-        raise RecipeError(f"{source}: {e}") from None
-    try:
-        return Recipe.model_validate(expanded)
-    except ValidationError as e:
-        raise RecipeError(f"{source}: {format_validation_error(e)}") from None
-
-
 def merge(base: dict, extra: dict) -> dict:
     """`extra` over `base`: mappings merge key by key, anything else (lists included) is replaced."""
     out = copy.deepcopy(base)
@@ -91,22 +75,13 @@ def read_yaml(path: Path) -> dict:
     return raw
 
 
-def load_recipe(paths: str | Path | list[str | Path], overrides: list[str] | None = None) -> Recipe:
-    """Read one recipe file, or compose several (e.g. a teacher-student pair file, then a method file:
-    later files override earlier ones), then apply `--set` overrides and validate."""
-    paths = [Path(p) for p in (paths if isinstance(paths, list) else [paths])]
-    from kdflow.methods import apply_presets
-
-    raw: dict = {}
-    for path in paths:
-        raw = merge(raw, read_yaml(path))
-    source = " + ".join(str(p) for p in paths)
-    try:
-        raw = apply_presets(raw)  # before --set, so an override wins over a preset
-    except RecipeError as e:
-        raise RecipeError(f"{source}: {e}") from None
-    return resolve(apply_overrides(raw, overrides or []), source)
-
-
 def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json", by_alias=True, exclude_defaults=False), sort_keys=False)
+
+
+def validate(expanded: dict, source: str = "recipe") -> Recipe:
+    """Validate a recipe whose methods are already expanded into its graph; a fault is one RecipeError line."""
+    try:
+        return Recipe.model_validate(expanded)
+    except ValidationError as e:
+        raise RecipeError(f"{source}: {format_validation_error(e)}") from None

@@ -11,11 +11,12 @@ import math
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
-from kdflow.flow import criteria_bss, criteria_builtin, criteria_features, criteria_modules  # noqa: F401  (fill the registry)
+import kdflow.losses  # noqa: F401  (importing the losses fills the criterion registry)
 from kdflow.flow.arguments import argument_error
-from kdflow.flow.criteria import CRITERIA
+from kdflow.losses.registry import SUPERVISION
+from kdflow.losses.registry import CRITERIA, RENAMED
 
 
 def _default_of(fn: Any, param: str) -> Any:
@@ -51,12 +52,39 @@ def weight_at(weight: Weight, epoch: int) -> float:
 
 
 class OptimSpec(Strict):
-    """SGD settings; a node's `optim` overrides the fields it names."""
+    """SGD settings; a node's `optim` overrides the fields it names. `name: dot` is DOT (Zhao, Cui, Song, Liang 2023,
+    engine/dot.py): the supervised terms' gradient and the transfer terms' gradient keep separate momenta,
+    `momentum - delta` and `momentum + delta`, in one step."""
 
+    name: Literal["sgd", "dot"] = "sgd"
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0)
     weight_decay: float = Field(5e-4, ge=0)
     nesterov: bool = False
+    delta: float | None = Field(None, ge=0)  # dot's momentum gap Δ; 0.075 when not given (the authors' CIFAR-100 value)
+
+    @model_validator(mode="after")
+    def _dot_settings(self) -> "OptimSpec":
+        if self.name != "dot":
+            if self.delta is not None:
+                raise ValueError("delta: a setting of DOT (its momentum gap); add name: dot, or remove delta")
+            return self
+        if self.delta is None:
+            self.delta = 0.075
+        if self.nesterov:
+            raise ValueError("nesterov: DOT's two momenta are plain (heavy-ball) momenta; set nesterov: false")
+        if self.delta > self.momentum:
+            raise ValueError(f"delta: {self.delta:g} exceeds momentum {self.momentum:g}; the supervised gradient's "
+                             "momentum (momentum - delta) cannot be negative")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _sgd_as_before(self, handler: Any) -> dict:
+        data = handler(self)
+        if self.name == "sgd":  # a recipe without DOT is written as before DOT existed (same recipe.yaml, same hash)
+            data.pop("name", None)
+            data.pop("delta", None)
+        return data
 
 
 class NodeOptim(Strict):
@@ -145,11 +173,13 @@ class TransferSpec(Strict):
     detach: bool = True
     stages: list[str] | None = None  # active only in these stages (default: whenever the target trains)
     pool: str | None = None  # a named pool of transfers of which `Recipe.drop[pool]` are dropped per step (DGKD)
+    # Sun et al. 2024 (CVPR): both sides' logits z-scored per row (`kdflow.losses.standardize`) before the criterion
+    logit_standardization: bool = False
 
     @model_validator(mode="before")
     @classmethod
     def _collect_params(cls, data: Any) -> Any:
-        known = {"from", "source", "to", "criterion", "weight", "params", "connector", "detach", "stages", "pool"}
+        known = {"from", "source", "to", "criterion", "weight", "params", "connector", "detach", "stages", "pool", "logit_standardization"}
         data = _inline_params(data, known)
         if isinstance(data, dict) and isinstance(data.get("connector"), str):
             data = {**data, "connector": {"kind": data["connector"]}}
@@ -157,6 +187,8 @@ class TransferSpec(Strict):
 
     @model_validator(mode="after")
     def _criterion_known(self) -> "TransferSpec":
+        if self.criterion in RENAMED:
+            raise ValueError(f"criterion {self.criterion!r} is now called {RENAMED[self.criterion]!r} (the name of its loss)")
         if self.criterion not in CRITERIA:
             raise ValueError(f"unknown criterion {self.criterion!r}; known: {', '.join(sorted(CRITERIA))}")
         crit = CRITERIA[self.criterion]
@@ -174,6 +206,12 @@ class TransferSpec(Strict):
             raise ValueError(f"criterion {self.criterion!r} {need} tap groups ({{group: [...]}}) on both sides")
         if grouped and self.connector is not None:
             raise ValueError("a connector maps one tap; a grouped criterion builds its own helpers")
+        if self.logit_standardization:
+            not_logits = [tap for tap in self.sources + self.targets if not tap.endswith(".logits")]
+            if not_logits:
+                raise ValueError(f"logit_standardization: z-scores logits, but {not_logits[0]!r} is not a logits tap")
+            if "x" in crit.context:
+                raise ValueError(f"logit_standardization: criterion {self.criterion!r} computes logits of its own inputs; it cannot be standardized from the taps")
         return self
 
     @property
@@ -214,8 +252,6 @@ class SuperviseSpec(Strict):
 
     @model_validator(mode="after")
     def _loss_known(self) -> "SuperviseSpec":
-        from kdflow.flow.supervision import SUPERVISION
-
         if self.loss not in SUPERVISION:
             raise ValueError(f"unknown loss {self.loss!r}; known: {', '.join(sorted(SUPERVISION))}")
         allowed = SUPERVISION[self.loss].params

@@ -2,7 +2,7 @@
 
 Every function here is a plain function of tensors. Trainable helpers (regressors,
 connectors, paraphrasers, fusion blocks) are modules owned by the flow, see
-``kdflow.losses.feature_modules``; these functions only compare what they are given.
+``kdflow.losses.stateful``; these functions only compare what they are given.
 
 Feature maps are B×C×H×W. All computations are in fp32. Where a method compares maps of
 different spatial sizes, the larger one is reduced with ``adaptive_avg_pool2d`` to the
@@ -18,6 +18,23 @@ import torch
 import torch.nn.functional as F
 
 from kdflow.losses.precision import compute_dtype
+from kdflow.losses.registry import criterion
+
+__all__ = [
+    "ab",
+    "at",
+    "attention_map",
+    "factor_map",
+    "factor_transfer",
+    "fsp",
+    "fsp_matrix",
+    "hcl",
+    "hint",
+    "match_spatial",
+    "nst",
+    "ofd",
+    "ofd_margin",
+]
 
 #: Floor for squared norms before a square root (finite gradient at 0).
 _SQ_EPS = 1e-12
@@ -66,6 +83,7 @@ def match_spatial(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch
 # ---------------------------------------------------------------------------------------
 
 
+@criterion()
 def hint(student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
     """Romero, Ballas, Kahou, Chassang, Gatta and Bengio 2015, "FitNets: Hints for Thin Deep
     Nets" (ICLR).
@@ -95,6 +113,7 @@ def attention_map(feature: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     return F.normalize(a, p=2, dim=1)
 
 
+@criterion(same_shape=False)
 def at(student_feature: torch.Tensor, teacher_feature: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     """Zagoruyko and Komodakis 2017, "Paying More Attention to Attention: Improving the
     Performance of Convolutional Neural Networks via Attention Transfer" (ICLR).
@@ -136,6 +155,7 @@ def fsp_matrix(feature_a: torch.Tensor, feature_b: torch.Tensor) -> torch.Tensor
     return torch.einsum("bihw,bjhw->bij", fa, fb) / hw
 
 
+@criterion(same_shape=False, grouped=True)
 def fsp(student_layers: Sequence[torch.Tensor], teacher_layers: Sequence[torch.Tensor]) -> torch.Tensor:
     """Yim, Joo, Bae and Kim 2017, "A Gift from Knowledge Distillation: Fast Optimization,
     Network Minimization and Transfer Learning" (CVPR).
@@ -170,6 +190,7 @@ def fsp(student_layers: Sequence[torch.Tensor], teacher_layers: Sequence[torch.T
 # ---------------------------------------------------------------------------------------
 
 
+@criterion(same_shape=False)
 def nst(student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
     """Huang and Wang 2017, "Like What You Like: Knowledge Distill via Neuron Selectivity
     Transfer" (arXiv:1707.01219).

@@ -7,6 +7,23 @@ import torch
 import torch.nn.functional as F
 
 from kdflow.losses.precision import compute_dtype
+from kdflow.losses.registry import criterion, supervision
+
+__all__ = [
+    "annealing_kd",
+    "annealing_mse",
+    "annealing_temperature_index",
+    "dist",
+    "dkd",
+    "kd",
+    "label_smoothing",
+    "nkd",
+    "standardize",
+    "tfkd_reg",
+    "tfkd_reg_released",
+    "virtual_teacher_logits",
+    "wttm",
+]
 
 
 def standardize(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -14,25 +31,19 @@ def standardize(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
 
     Each row z-scored: (z − mean(z)) / (ε + std(z)), the standard deviation with Bessel's correction
     (torch's default, as the authors' `normalize`), ε = 1e-7. Applied to both models' logits before the
-    temperature, it lets the student match the teacher's logit relations rather than their scale."""
+    temperature, it lets the student match the teacher's logit relations rather than their scale.
+    A transfer's `logit_standardization: true` applies it to both sides before any criterion."""
     z = compute_dtype(logits)
     return (z - z.mean(dim=1, keepdim=True)) / (eps + z.std(dim=1, keepdim=True))
 
 
-_standardize = standardize
-
-
-def kd(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0, standardize: bool = False
-) -> torch.Tensor:
+@criterion()
+def kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
     """Hinton, Vinyals and Dean 2015, "Distilling the Knowledge in a Neural Network".
 
     τ² · KL(p_t ‖ p_s) with p = softmax(z / τ), summed over classes and averaged over the
-    batch (``batchmean``). The τ² keeps the gradient scale independent of τ. `standardize`: both
-    models' logits z-scored first (logit standardization, `standardize`).
+    batch (``batchmean``). The τ² keeps the gradient scale independent of τ.
     """
-    if standardize:
-        student_logits, teacher_logits = _standardize(student_logits), _standardize(teacher_logits)
     log_p_s = F.log_softmax(compute_dtype(student_logits) / temperature, dim=1)
     log_p_t = F.log_softmax(compute_dtype(teacher_logits) / temperature, dim=1)
     kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
@@ -83,6 +94,7 @@ def _binary_log_probs(z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------
 
 
+@criterion()
 def dkd(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -90,7 +102,6 @@ def dkd(
     alpha: float = 1.0,
     beta: float = 8.0,
     temperature: float = 4.0,
-    standardize: bool = False,
 ) -> torch.Tensor:
     """Zhao, Cui, Song, Qiu and Liang 2022, "Decoupled Knowledge Distillation" (CVPR).
 
@@ -99,8 +110,6 @@ def dkd(
     * TCKD = τ² · KL(b_t ‖ b_s), b = [p_y, 1 − p_y] (the binary target / non-target split);
     * NCKD = τ² · KL(p̂_t ‖ p̂_s), p̂ = softmax over the non-target classes only, obtained by
       masking the target logit before the softmax.
-
-    `standardize`: both models' logits z-scored first (logit standardization, `standardize`).
 
     Reduction: each KL is summed over its classes and averaged over the batch (``batchmean``),
     each multiplied by τ². No warm-up here: the paper's min(epoch / 20, 1) ramp is a weight
@@ -112,8 +121,6 @@ def dkd(
     logits beyond ±1000 and stays finite. With C = 2 the non-target distribution has a
     single class and NCKD is exactly 0.
     """
-    if standardize:  # logit standardization (Sun et al. 2024), before the temperature as in kd
-        student_logits, teacher_logits = _standardize(student_logits), _standardize(teacher_logits)
     z_s = compute_dtype(student_logits) / temperature
     z_t = compute_dtype(teacher_logits) / temperature
     mask = _target_mask(z_s, target)
@@ -134,6 +141,7 @@ def dkd(
 # ---------------------------------------------------------------------------------------
 
 
+@criterion()
 def nkd(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -162,6 +170,29 @@ def nkd(
     return loss_target + loss_non_target
 
 
+
+# ---------------------------------------------------------------------------------------
+# WTTM
+# ---------------------------------------------------------------------------------------
+
+
+@criterion()
+def wttm(student_logits: torch.Tensor, teacher_logits: torch.Tensor, gamma: float = 0.2) -> torch.Tensor:
+    """Zheng and Yang 2024, "Knowledge Distillation Based on Transformed Teacher Matching" (ICLR).
+
+    Weighted transformed teacher matching: the teacher's probabilities raised to the power γ (= 1/T) and
+    renormalised, p̃_t = p_t^γ / U with U = Σ_c p_t,c^γ, matched by the student's plain softmax (no
+    temperature on the student's side): mean over the batch of U · KL(p̃_t ‖ p_s). U ≥ 1 is larger for a
+    flatter teacher, which weights those samples up. No τ² factor.
+    """
+    p_t = F.softmax(compute_dtype(teacher_logits), dim=1).pow(gamma)
+    norm = p_t.sum(dim=1, keepdim=True)
+    p_t = p_t / norm
+    log_p_s = F.log_softmax(compute_dtype(student_logits), dim=1)
+    kl = F.kl_div(log_p_s, p_t, reduction="none").sum(dim=1)
+    return (norm.squeeze(1) * kl).mean()
+
+
 # ---------------------------------------------------------------------------------------
 # DIST
 # ---------------------------------------------------------------------------------------
@@ -178,6 +209,7 @@ def _pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
     return (a * b).sum(dim=1) / (norm_a * norm_b + eps)
 
 
+@criterion()
 def dist(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -233,6 +265,7 @@ def virtual_teacher_logits(
     return out.scatter_(1, target.long().unsqueeze(1), math.log(correct_prob))
 
 
+@supervision()
 def tfkd_reg(
     student_logits: torch.Tensor,
     target: torch.Tensor,
@@ -310,16 +343,14 @@ def annealing_temperature_index(epoch: int, epochs: int, max_temperature: int = 
     return min(epoch * max_temperature // epochs + 1, max_temperature)
 
 
-def annealing_kd(
+def annealing_mse(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     temperature_index: int,
     max_temperature: int = 10,
 ) -> torch.Tensor:
-    """Jafari, Rezagholizadeh, Sharma and Ghodsi 2021, "Annealing Knowledge Distillation" (EACL).
-
-    Phase-1 loss: mean((z_s − (k / τ_max) · z_t)²), k = ``temperature_index`` ∈ 1..τ_max
-    (see ``annealing_temperature_index``). Regression on raw logits: no softmax, no τ² factor.
+    """Annealing KD's phase-1 loss at index k: mean((z_s − (k / τ_max) · z_t)²), k = ``temperature_index``
+    ∈ 1..τ_max (see ``annealing_temperature_index``). Regression on raw logits: no softmax, no τ² factor.
 
     Reduction: mean over all B·C elements (``F.mse_loss`` default). Phase 2 (CE only) is
     the flow's business.
@@ -330,11 +361,24 @@ def annealing_kd(
     return F.mse_loss(compute_dtype(student_logits), scale * compute_dtype(teacher_logits))
 
 
+@criterion()
+def annealing_kd(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, epoch: int, epochs: int, max_temperature: int = 10
+) -> torch.Tensor:
+    """Jafari, Rezagholizadeh, Sharma and Ghodsi 2021, "Annealing Knowledge Distillation" (EACL).
+
+    Phase 1 at 0-based `epoch` of a stage of `epochs`: `annealing_mse` at k = `annealing_temperature_index`,
+    the teacher's logits scaled by k/τ_max with k rising 1..τ_max over the stage."""
+    k = annealing_temperature_index(epoch, epochs, max_temperature)
+    return annealing_mse(student_logits, teacher_logits, k, max_temperature)
+
+
 # ---------------------------------------------------------------------------------------
 # Label smoothing
 # ---------------------------------------------------------------------------------------
 
 
+@supervision()
 def label_smoothing(student_logits: torch.Tensor, target: torch.Tensor, epsilon: float = 0.1) -> torch.Tensor:
     """Szegedy, Vanhoucke, Ioffe, Shlens and Wojna 2016, "Rethinking the Inception
     Architecture for Computer Vision" (label-smoothing regularisation).

@@ -12,6 +12,17 @@ import torch
 import torch.nn.functional as F
 
 from kdflow.losses.precision import compute_dtype
+from kdflow.losses.registry import criterion
+
+__all__ = [
+    "cc",
+    "cc_benchmark",
+    "pkt",
+    "rkd",
+    "rkd_angle",
+    "rkd_distance",
+    "sp",
+]
 
 #: Floor for squared norms / distances before a square root: keeps the gradient of the
 #: square root finite (1 / (2·1e-6)) where two vectors coincide or one is zero.
@@ -37,6 +48,7 @@ def _safe_norm(x: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor
 # ---------------------------------------------------------------------------------------
 
 
+@criterion(same_shape=False)
 def sp(student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
     """Tung and Mori 2019, "Similarity-Preserving Knowledge Distillation" (ICCV).
 
@@ -139,6 +151,7 @@ def rkd_angle(student_embedding: torch.Tensor, teacher_embedding: torch.Tensor) 
     return F.smooth_l1_loss(_angles(e_s)[mask], _angles(e_t)[mask], beta=1.0, reduction="mean")
 
 
+@criterion(same_shape=False)
 def rkd(
     student_embedding: torch.Tensor,
     teacher_embedding: torch.Tensor,
@@ -168,6 +181,7 @@ def _cosine_conditional(e: torch.Tensor, eps: float) -> torch.Tensor:
     return k / k.sum(dim=1, keepdim=True)
 
 
+@criterion(same_shape=False)
 def pkt(student_embedding: torch.Tensor, teacher_embedding: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Passalis and Tefas 2018, "Learning Deep Representations with Probabilistic Knowledge
     Transfer" (ECCV).

@@ -6,13 +6,13 @@ from kdflow.methods.registry import METHODS, Method, apply_presets, expand_metho
 
 # every module in this package registers its methods on import
 for _info in pkgutil.iter_modules(__path__):
-    if _info.name != "registry":
+    if _info.name not in ("registry", "binding"):
         importlib.import_module(f"{__name__}.{_info.name}")
 
 # the public callables: kdflow.methods.kd(teacher=<nn.Module>, student=<nn.Module>, ...) -> FlowGraph
-from kdflow.api import method_api  # noqa: E402
+from kdflow.methods.binding import FlowGraph, method_api  # noqa: E402
 
 for _name in list(METHODS):
     globals()[_name] = method_api(_name)
 
-__all__ = ["METHODS", "Method", "apply_presets", "expand_methods", "method_graph", "register_method", *METHODS]
+__all__ = ["FlowGraph", "METHODS", "Method", "apply_presets", "expand_methods", "method_graph", "register_method", *METHODS]

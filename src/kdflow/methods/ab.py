@@ -14,7 +14,7 @@ feature list's stages with `preact=True`), margin 1, init_epochs=30, γ=1.
 """
 from __future__ import annotations
 
-from kdflow.methods.registry import Graph, register_method
+from kdflow.methods.registry import Graph, register_method, teacher_student
 
 
 @register_method(
@@ -33,10 +33,11 @@ def ab(
     init_epochs: int = 30,
 ) -> Graph:
     stages = list(stages)
-    return {
-        "nodes": {teacher: {"role": "frozen"}, student: {"role": "trainable"}},
-        "supervise": {student: {"weight": ce_weight, "stages": ["main"]}},
-        "transfers": [
+    return teacher_student(
+        teacher,
+        student,
+        {"weight": ce_weight, "stages": ["main"]},
+        transfers=[
             {
                 "from": {"group": [f"{teacher}.{tap}" for tap in stages]},
                 "to": {"group": [f"{student}.{tap}" for tap in stages]},
@@ -46,5 +47,5 @@ def ab(
                 "stages": ["init"],
             }
         ],
-        "stages": [{"name": "init", "train": [student], "epochs": init_epochs}, {"name": "main", "train": [student]}],
-    }
+        stages=[{"name": "init", "train": [student], "epochs": init_epochs}, {"name": "main", "train": [student]}],
+    )

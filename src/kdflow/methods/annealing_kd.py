@@ -15,7 +15,7 @@ schedule (the engine's per-stage rule); the paper also restarts training for pha
 """
 from __future__ import annotations
 
-from kdflow.methods.registry import Graph, register_method
+from kdflow.methods.registry import Graph, register_method, teacher_student
 
 
 @register_method(
@@ -37,17 +37,18 @@ def annealing_kd(
         anneal["epochs"] = anneal_epochs
     if finetune_epochs is not None:
         finetune["epochs"] = finetune_epochs
-    return {
-        "nodes": {teacher: {"role": "frozen"}, student: {"role": "trainable"}},
-        "supervise": {student: {"weight": ce_weight, "stages": ["finetune"]}},
-        "transfers": [
+    return teacher_student(
+        teacher,
+        student,
+        {"weight": ce_weight, "stages": ["finetune"]},
+        transfers=[
             {
                 "from": f"{teacher}.logits",
                 "to": f"{student}.logits",
-                "criterion": "annealing_mse",
+                "criterion": "annealing_kd",
                 "max_temperature": max_temperature,
                 "stages": ["anneal"],
             }
         ],
-        "stages": [anneal, finetune],
-    }
+        stages=[anneal, finetune],
+    )

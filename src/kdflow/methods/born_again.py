@@ -28,7 +28,7 @@ def born_again(
         "nodes": {teacher: {"role": "frozen"}, **{g: {"role": "trainable", "same_as": teacher} for g in gens}},
         "supervise": {g: ce_weight for g in gens} if ce_weight else {},
         "transfers": [
-            {"from": f"{a}.logits", "to": f"{b}.logits", "criterion": "kl", "temperature": temperature, "weight": kd_weight}
+            {"from": f"{a}.logits", "to": f"{b}.logits", "criterion": "kd", "temperature": temperature, "weight": kd_weight}
             for a, b in zip(chain, chain[1:])
         ],
         "stages": [{"name": g, "train": [g]} for g in gens],

@@ -6,7 +6,7 @@ Student loss CE(z_s, y) + (1/τ²)·[w_clean(e)·τ²·KL(p_t ‖ p_s) on the ba
 w_clean(e) = 3·(1 − e/E) + 1, w_adv(e) = max(2·(1 − 4e/(3E)), 0) with e the 1-based epoch of the
 stage and E its length. The boundary-supporting samples come from a targeted attack on the frozen
 teacher (10 steps, step 0.3, up to 64 correctly classified samples per batch, target class drawn
-from the teacher's non-top-1 probabilities); see `kdflow.flow.criteria_bss` for every detail.
+from the teacher's non-top-1 probabilities); see `kdflow.losses.stateful.adversarial` for every detail.
 
 Scale: the official code's KD terms are soft cross-entropies without τ²; our KD carries τ²
 (the framework's convention), so the transfer weight defaults to 1/τ² = 1/9, which reproduces the
@@ -14,7 +14,7 @@ published loss (and gradients) exactly. CE weight 1. τ = 3.
 """
 from __future__ import annotations
 
-from kdflow.methods.registry import Graph, register_method
+from kdflow.methods.registry import Graph, register_method, teacher_student
 
 
 @register_method(
@@ -34,10 +34,11 @@ def bss(
     kd_weight: float | None = None,
 ) -> Graph:
     """`kd_weight` defaults to 1/τ² (the published scale, see above)."""
-    return {
-        "nodes": {teacher: {"role": "frozen"}, student: {"role": "trainable"}},
-        "supervise": {student: ce_weight},
-        "transfers": [
+    return teacher_student(
+        teacher,
+        student,
+        ce_weight,
+        transfers=[
             {
                 "from": f"{teacher}.logits",
                 "to": f"{student}.logits",
@@ -50,4 +51,4 @@ def bss(
                 "weight": kd_weight if kd_weight is not None else 1.0 / temperature**2,
             }
         ],
-    }
+    )

@@ -14,7 +14,7 @@ of the L2-normalised embeddings in its 2nd-order Taylor expansion (γ_rbf=0.4,
 """
 from __future__ import annotations
 
-from kdflow.methods.registry import Graph, register_method
+from kdflow.methods.registry import Graph, register_method, teacher_student
 
 
 @register_method(
@@ -34,10 +34,11 @@ def cc(
     weight: float = 0.02,
     ce_weight: float = 1.0,
 ) -> Graph:
-    return {
-        "nodes": {teacher: {"role": "frozen"}, student: {"role": "trainable"}},
-        "supervise": {student: ce_weight},
-        "transfers": [
+    return teacher_student(
+        teacher,
+        student,
+        ce_weight,
+        transfers=[
             {
                 "from": f"{teacher}.{teacher_tap}",
                 "to": f"{student}.{student_tap}",
@@ -49,4 +50,4 @@ def cc(
                 "weight": weight,
             }
         ],
-    }
+    )

@@ -15,7 +15,7 @@ picks (`kdflow.losses.CRDLoss`). CRD+KD: `method: [crd, {name: kd, kd_weight: 1.
 """
 from __future__ import annotations
 
-from kdflow.methods.registry import Graph, register_method
+from kdflow.methods.registry import Graph, register_method, teacher_student
 
 
 @register_method(
@@ -37,10 +37,11 @@ def crd(
     weight: float = 0.8,
     ce_weight: float = 1.0,
 ) -> Graph:
-    return {
-        "nodes": {teacher: {"role": "frozen"}, student: {"role": "trainable"}},
-        "supervise": {student: ce_weight},
-        "transfers": [
+    return teacher_student(
+        teacher,
+        student,
+        ce_weight,
+        transfers=[
             {
                 "from": f"{teacher}.{teacher_tap}",
                 "to": f"{student}.{student_tap}",
@@ -54,4 +55,4 @@ def crd(
                 "weight": weight,
             }
         ],
-    }
+    )

@@ -31,7 +31,7 @@ def dgkd(
     transfers = []
     for i, target in enumerate(order):
         for guide in [teacher] + order[:i]:
-            edge = {"from": f"{guide}.logits", "to": f"{target}.logits", "criterion": "kl",
+            edge = {"from": f"{guide}.logits", "to": f"{target}.logits", "criterion": "kd",
                     "temperature": temperature, "weight": kd_weight}
             if target == student:
                 edge["pool"] = "guides"

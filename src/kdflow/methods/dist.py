@@ -9,10 +9,11 @@ CIFAR-100 setting of the authors' released config: CE weight 1 (``ori_loss_weigh
 DIST term with β = γ = 1 and τ = 4 (``kd: dist_t4``, which includes the τ² factor) and KD weight
 2 (``kd_loss_weight: 2``). That is β = γ = 2, τ = 4, transfer weight 1 here. (ImageNet: τ = 1,
 β = γ = 1, CE 1.) The standard protocol (../shared/methods.md) supplies the optimiser.
+`logit_standardization: true` z-scores both logits first (Sun et al. 2024), as for every logit transfer.
 """
 from __future__ import annotations
 
-from kdflow.methods.registry import Graph, register_method
+from kdflow.methods.registry import Graph, register_method, teacher_student
 
 
 @register_method(
@@ -28,11 +29,13 @@ def dist(
     temperature: float = 4.0,
     ce_weight: float = 1.0,
     kd_weight: float = 1.0,
+    logit_standardization: bool = False,
 ) -> Graph:
-    return {
-        "nodes": {teacher: {"role": "frozen"}, student: {"role": "trainable"}},
-        "supervise": {student: ce_weight},
-        "transfers": [
+    return teacher_student(
+        teacher,
+        student,
+        ce_weight,
+        transfers=[
             {
                 "from": f"{teacher}.logits",
                 "to": f"{student}.logits",
@@ -41,6 +44,7 @@ def dist(
                 "gamma": gamma,
                 "temperature": temperature,
                 "weight": kd_weight,
+                **({"logit_standardization": True} if logit_standardization else {}),
             }
         ],
-    }
+    )

@@ -16,14 +16,14 @@ resnet110→resnet32; β = 6 for vgg13→vgg8, wrn40-2→wrn16-2, wrn40-2→wrn4
 β = 8 otherwise (wrn40-2→ShuffleV1, the resnet32x4 pairs, ResNet50→MobileNetV2). The CIFAR-100
 pair files carry these as presets; elsewhere set it with ``method: {name: dkd, beta: 6}``.
 
-`standardize: true` is DKD with logit standardization (Sun et al. 2024, CVPR): logits z-scored before
+`logit_standardization: true` is DKD with logit standardization (Sun et al. 2024, CVPR): logits z-scored before
 the temperature. The authors multiply α and β by their KD weight 9 and set τ=2; here that is
 ``kd_weight: 9`` (it scales α·TCKD + β·NCKD alike, so the per-pair β presets still apply):
 recipes/methods/dkd+ls.yaml.
 """
 from __future__ import annotations
 
-from kdflow.methods.registry import Graph, register_method
+from kdflow.methods.registry import Graph, register_method, teacher_student
 
 
 @register_method(
@@ -40,12 +40,13 @@ def dkd(
     ce_weight: float = 1.0,
     kd_weight: float = 1.0,
     warmup_epochs: int = 20,
-    standardize: bool = False,
+    logit_standardization: bool = False,
 ) -> Graph:
-    return {
-        "nodes": {teacher: {"role": "frozen"}, student: {"role": "trainable"}},
-        "supervise": {student: ce_weight},
-        "transfers": [
+    return teacher_student(
+        teacher,
+        student,
+        ce_weight,
+        transfers=[
             {
                 "from": f"{teacher}.logits",
                 "to": f"{student}.logits",
@@ -53,8 +54,8 @@ def dkd(
                 "alpha": alpha,
                 "beta": beta,
                 "temperature": temperature,
-                **({"standardize": True} if standardize else {}),  # absent when off: recipes as before
+                **({"logit_standardization": True} if logit_standardization else {}),  # absent when off: recipes as before
                 "weight": {"value": kd_weight, "warmup_epochs": warmup_epochs},
             }
         ],
-    }
+    )

@@ -27,7 +27,7 @@ def dml(peers: list[str] = ("peer1", "peer2"), temperature: float = 1.0, ce_weig
         raise ValueError("dml needs at least two peers")
     w = 1.0 / (len(peers) - 1)
     transfers = [
-        {"from": f"{j}.logits", "to": f"{k}.logits", "criterion": "kl", "temperature": temperature, "weight": w}
+        {"from": f"{j}.logits", "to": f"{k}.logits", "criterion": "kd", "temperature": temperature, "weight": w}
         for k in peers
         for j in peers
         if j != k

@@ -6,7 +6,7 @@ itself stop at epoch `stop_kd_epoch` (its weight drops to 0 there; CE continues)
 """
 from __future__ import annotations
 
-from kdflow.methods.registry import Graph, register_method
+from kdflow.methods.registry import Graph, register_method, teacher_student
 
 
 @register_method("eskd", citation="Cho, Hariharan 2019. On the Efficacy of Knowledge Distillation", knowledge="logits")
@@ -19,10 +19,11 @@ def eskd(
     stop_kd_epoch: int | None = None,
 ) -> Graph:
     weight = kd_weight if stop_kd_epoch is None else {"value": kd_weight, "milestones": [stop_kd_epoch], "gamma": 0.0}
-    return {
-        "nodes": {teacher: {"role": "frozen"}, student: {"role": "trainable"}},
-        "supervise": {student: ce_weight},
-        "transfers": [
-            {"from": f"{teacher}.logits", "to": f"{student}.logits", "criterion": "kl", "temperature": temperature, "weight": weight}
+    return teacher_student(
+        teacher,
+        student,
+        ce_weight,
+        transfers=[
+            {"from": f"{teacher}.logits", "to": f"{student}.logits", "criterion": "kd", "temperature": temperature, "weight": weight}
         ],
-    }
+    )

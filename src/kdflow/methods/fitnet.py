@@ -16,7 +16,7 @@ hint and CE are trained together in one stage.
 """
 from __future__ import annotations
 
-from kdflow.methods.registry import Graph, register_method
+from kdflow.methods.registry import Graph, register_method, teacher_student
 
 
 @register_method(
@@ -37,15 +37,16 @@ def fitnet(
     hint = {
         "from": f"{teacher}.{teacher_tap}",
         "to": f"{student}.{student_tap}",
-        "criterion": "hint_mse",
+        "criterion": "hint",
         "connector": connector,
         "weight": weight,
     }
-    graph: Graph = {
-        "nodes": {teacher: {"role": "frozen"}, student: {"role": "trainable"}},
-        "supervise": {student: ce_weight},
-        "transfers": [hint],
-    }
+    graph: Graph = teacher_student(
+        teacher,
+        student,
+        ce_weight,
+        transfers=[hint],
+    )
     if hint_epochs > 0:
         hint["stages"] = ["hint"]
         graph["supervise"] = {student: {"weight": ce_weight, "stages": ["main"]}}

@@ -12,7 +12,7 @@ says so (one line naming the transfer) before anything trains.
 """
 from __future__ import annotations
 
-from kdflow.methods.registry import Graph, register_method
+from kdflow.methods.registry import Graph, register_method, teacher_student
 
 
 @register_method(
@@ -32,10 +32,11 @@ def fsp(
     taps = list(taps)
     if len(taps) < 2 and not any("all_stages" in tap for tap in taps):
         raise ValueError("fsp needs at least two taps (one pair of consecutive layers)")
-    return {
-        "nodes": {teacher: {"role": "frozen"}, student: {"role": "trainable"}},
-        "supervise": {student: {"weight": ce_weight, "stages": ["main"]}},
-        "transfers": [
+    return teacher_student(
+        teacher,
+        student,
+        {"weight": ce_weight, "stages": ["main"]},
+        transfers=[
             {
                 "from": {"group": [f"{teacher}.{tap}" for tap in taps]},
                 "to": {"group": [f"{student}.{tap}" for tap in taps]},
@@ -44,5 +45,5 @@ def fsp(
                 "stages": ["init"],
             }
         ],
-        "stages": [{"name": "init", "train": [student], "epochs": init_epochs}, {"name": "main", "train": [student]}],
-    }
+        stages=[{"name": "init", "train": [student], "epochs": init_epochs}, {"name": "main", "train": [student]}],
+    )

@@ -16,7 +16,7 @@ The transfer names its paraphrase stage (`paraphrase_stage`); a recipe without t
 """
 from __future__ import annotations
 
-from kdflow.methods.registry import Graph, register_method
+from kdflow.methods.registry import Graph, register_method, teacher_student
 
 
 @register_method(
@@ -35,10 +35,11 @@ def ft(
     ce_weight: float = 1.0,
     paraphrase_epochs: int = 30,
 ) -> Graph:
-    return {
-        "nodes": {teacher: {"role": "frozen"}, student: {"role": "trainable"}},
-        "supervise": {student: {"weight": ce_weight, "stages": ["main"]}},
-        "transfers": [
+    return teacher_student(
+        teacher,
+        student,
+        {"weight": ce_weight, "stages": ["main"]},
+        transfers=[
             {
                 "from": f"{teacher}.{teacher_tap}",
                 "to": f"{student}.{student_tap}",
@@ -50,8 +51,8 @@ def ft(
                 "weight": weight,
             }
         ],
-        "stages": [
+        stages=[
             {"name": "paraphrase", "train": [student], "epochs": paraphrase_epochs},
             {"name": "main", "train": [student]},
         ],
-    }
+    )

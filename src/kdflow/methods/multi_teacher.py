@@ -31,6 +31,6 @@ def multi_teacher(
         "nodes": {**{t: {"role": "frozen"} for t in teachers}, student: {"role": "trainable"}},
         "supervise": {student: ce_weight},
         "transfers": [
-            {"from": source, "to": f"{student}.logits", "criterion": "kl", "temperature": temperature, "weight": kd_weight}
+            {"from": source, "to": f"{student}.logits", "criterion": "kd", "temperature": temperature, "weight": kd_weight}
         ],
     }

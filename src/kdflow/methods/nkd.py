@@ -6,10 +6,11 @@ log-probability, plus γ·τ² times the cross-entropy between the teacher's and
 the non-target classes alone (`kdflow.losses.nkd`). Defaults τ = 3, γ = 3.5 are the authors' CIFAR-100
 config (yzd-v/cls_KD configs/distillers/cifar100/res34_distill_res18_cifar.py); their ImageNet configs
 use τ = 1, γ = 1.5 (the ImageNet protocol's preset).
+`logit_standardization: true` z-scores both logits first (Sun et al. 2024), as for every logit transfer.
 """
 from __future__ import annotations
 
-from kdflow.methods.registry import Graph, register_method
+from kdflow.methods.registry import Graph, register_method, teacher_student
 
 
 @register_method(
@@ -25,11 +26,13 @@ def nkd(
     gamma: float = 3.5,
     ce_weight: float = 1.0,
     kd_weight: float = 1.0,
+    logit_standardization: bool = False,
 ) -> Graph:
-    return {
-        "nodes": {teacher: {"role": "frozen"}, student: {"role": "trainable"}},
-        "supervise": {student: ce_weight},
-        "transfers": [
+    return teacher_student(
+        teacher,
+        student,
+        ce_weight,
+        transfers=[
             {
                 "from": f"{teacher}.logits",
                 "to": f"{student}.logits",
@@ -37,6 +40,7 @@ def nkd(
                 "temperature": temperature,
                 "gamma": gamma,
                 "weight": kd_weight,
+                **({"logit_standardization": True} if logit_standardization else {}),
             }
         ],
-    }
+    )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kdflow.methods.registry import Graph, register_method
+from kdflow.methods.registry import Graph, register_method, teacher_student
 
 
 @register_method(
@@ -28,10 +28,11 @@ def nst(
     weight: float = 50.0,
     ce_weight: float = 1.0,
 ) -> Graph:
-    return {
-        "nodes": {teacher: {"role": "frozen"}, student: {"role": "trainable"}},
-        "supervise": {student: ce_weight},
-        "transfers": [
+    return teacher_student(
+        teacher,
+        student,
+        ce_weight,
+        transfers=[
             {"from": f"{teacher}.{tap}", "to": f"{student}.{tap}", "criterion": "nst", "weight": weight} for tap in stages
         ],
-    }
+    )

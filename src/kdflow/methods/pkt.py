@@ -10,7 +10,7 @@ at its batch size B=64 that weight is 30000/64 on our scale (see `kdflow.losses.
 """
 from __future__ import annotations
 
-from kdflow.methods.registry import Graph, register_method
+from kdflow.methods.registry import Graph, register_method, teacher_student
 
 
 @register_method(
@@ -26,8 +26,9 @@ def pkt(
     weight: float = 30000.0 / 64,
     ce_weight: float = 1.0,
 ) -> Graph:
-    return {
-        "nodes": {teacher: {"role": "frozen"}, student: {"role": "trainable"}},
-        "supervise": {student: ce_weight},
-        "transfers": [{"from": f"{teacher}.{teacher_tap}", "to": f"{student}.{student_tap}", "criterion": "pkt", "weight": weight}],
-    }
+    return teacher_student(
+        teacher,
+        student,
+        ce_weight,
+        transfers=[{"from": f"{teacher}.{teacher_tap}", "to": f"{student}.{student_tap}", "criterion": "pkt", "weight": weight}],
+    )

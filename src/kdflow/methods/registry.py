@@ -40,6 +40,18 @@ def register_method(name: str, citation: str, knowledge: str) -> Callable[[Calla
     return wrap
 
 
+def teacher_student(teacher: str, student: str, ce_weight: float | dict[str, Any], transfers: list[dict[str, Any]], **fields: Any) -> Graph:
+    """The graph most methods are: a frozen teacher, a trainable student with CE on the labels at
+    `ce_weight` (a weight, or `{weight, stages}` for a staged method), and the method's `transfers` (plus any
+    other recipe fields: `stages`, ...)."""
+    return {
+        "nodes": {teacher: {"role": "frozen"}, student: {"role": "trainable"}},
+        "supervise": {student: ce_weight},
+        "transfers": transfers,
+        **fields,
+    }
+
+
 def method_graph(name: str, **args: Any) -> Graph:
     """The graph of method `name` with its defaults, overridden by `args`."""
     if name not in METHODS:

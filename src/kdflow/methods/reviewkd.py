@@ -18,7 +18,7 @@ counts epochs from 1), γ=1, ABF width min(512, channels of the student's embedd
 """
 from __future__ import annotations
 
-from kdflow.methods.registry import Graph, register_method
+from kdflow.methods.registry import Graph, register_method, teacher_student
 
 
 @register_method(
@@ -46,8 +46,9 @@ def reviewkd(
     }
     if mid_channels is not None:
         transfer["mid_channels"] = mid_channels
-    return {
-        "nodes": {teacher: {"role": "frozen"}, student: {"role": "trainable"}},
-        "supervise": {student: ce_weight},
-        "transfers": [transfer],
-    }
+    return teacher_student(
+        teacher,
+        student,
+        ce_weight,
+        transfers=[transfer],
+    )

@@ -7,7 +7,7 @@ w_d=25, w_a=50, β=1, γ=1, the penultimate embedding (the input of the last lin
 """
 from __future__ import annotations
 
-from kdflow.methods.registry import Graph, register_method
+from kdflow.methods.registry import Graph, register_method, teacher_student
 
 
 @register_method(
@@ -25,10 +25,11 @@ def rkd(
     weight: float = 1.0,
     ce_weight: float = 1.0,
 ) -> Graph:
-    return {
-        "nodes": {teacher: {"role": "frozen"}, student: {"role": "trainable"}},
-        "supervise": {student: ce_weight},
-        "transfers": [
+    return teacher_student(
+        teacher,
+        student,
+        ce_weight,
+        transfers=[
             {
                 "from": f"{teacher}.{teacher_tap}",
                 "to": f"{student}.{student_tap}",
@@ -38,4 +39,4 @@ def rkd(
                 "weight": weight,
             }
         ],
-    }
+    )

@@ -27,7 +27,7 @@ from kdflow.methods.registry import MAX_MADE_NODES, Graph, register_method
 
 def _kd_edge(source, target: str, base: str, temperature: float, weight: float, **extra) -> dict:
     if base == "kd":
-        return {"from": source, "to": target, "criterion": "kl", "temperature": temperature, "weight": weight, **extra}
+        return {"from": source, "to": target, "criterion": "kd", "temperature": temperature, "weight": weight, **extra}
     if base == "dkd":
         schedule = {"value": weight, "warmup_epochs": 20}
         return {"from": source, "to": target, "criterion": "dkd", "temperature": temperature, "weight": schedule, **extra}

@@ -7,7 +7,7 @@ stage (``last_stage``), the benchmark's choice on the CIFAR zoo (RepDistiller's 
 """
 from __future__ import annotations
 
-from kdflow.methods.registry import Graph, register_method
+from kdflow.methods.registry import Graph, register_method, teacher_student
 
 
 @register_method(
@@ -23,8 +23,9 @@ def sp(
     weight: float = 3000.0,
     ce_weight: float = 1.0,
 ) -> Graph:
-    return {
-        "nodes": {teacher: {"role": "frozen"}, student: {"role": "trainable"}},
-        "supervise": {student: ce_weight},
-        "transfers": [{"from": f"{teacher}.{teacher_tap}", "to": f"{student}.{student_tap}", "criterion": "sp", "weight": weight}],
-    }
+    return teacher_student(
+        teacher,
+        student,
+        ce_weight,
+        transfers=[{"from": f"{teacher}.{teacher_tap}", "to": f"{student}.{student_tap}", "criterion": "sp", "weight": weight}],
+    )

@@ -27,7 +27,7 @@ def takd(
         raise ValueError("a chain needs a teacher and at least one more model")
     nodes = {chain[0]: {"role": "frozen"}, **{n: {"role": "trainable"} for n in chain[1:]}}
     transfers = [
-        {"from": f"{a}.logits", "to": f"{b}.logits", "criterion": "kl", "temperature": temperature, "weight": kd_weight}
+        {"from": f"{a}.logits", "to": f"{b}.logits", "criterion": "kd", "temperature": temperature, "weight": kd_weight}
         for a, b in zip(chain, chain[1:])
     ]
     return {

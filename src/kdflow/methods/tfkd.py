@@ -26,7 +26,7 @@ p^d = a on the true class and (1 − a)/(C − 1) elsewhere. Two forms of R (`fo
 The two are different functions, not rescalings of one another; ``released`` reproduces the loss
 behind the published numbers (checked against the authors' function in tests/test_tfkd_reg.py).
 A node has one supervision entry, so the sum is one supervision loss, ``tfkd_reg_ce`` (in
-`kdflow.flow.supervision`). The graph has one stage training only the student, so a teacher node
+`kdflow.losses.labels`). The graph has one stage training only the student, so a teacher node
 that a pair file declares is neither trained nor run.
 Defaults: a = 0.99, τ = 20, α = 0.1, multiplier 100 (the released CIFAR-100 ResNet18 config:
 reg_alpha 0.1, reg_temperature 20, multiplier 100; MobileNetV2 there uses α = 0.95, τ = 40,
@@ -56,7 +56,7 @@ def tfkd_self(
             {
                 "from": f"{teacher}.logits",
                 "to": f"{student}.logits",
-                "criterion": "kl",
+                "criterion": "kd",
                 "temperature": temperature,
                 "weight": round(alpha * multiplier / num_classes, 12),
             }

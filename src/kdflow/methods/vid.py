@@ -11,7 +11,7 @@ every stage (`all_stages`, the benchmark's feature list without stem and embeddi
 """
 from __future__ import annotations
 
-from kdflow.methods.registry import Graph, register_method
+from kdflow.methods.registry import Graph, register_method, teacher_student
 
 
 @register_method(
@@ -28,10 +28,11 @@ def vid(
     weight: float = 1.0,
     ce_weight: float = 1.0,
 ) -> Graph:
-    return {
-        "nodes": {teacher: {"role": "frozen"}, student: {"role": "trainable"}},
-        "supervise": {student: ce_weight},
-        "transfers": [
+    return teacher_student(
+        teacher,
+        student,
+        ce_weight,
+        transfers=[
             {
                 "from": f"{teacher}.{tap}",
                 "to": f"{student}.{tap}",
@@ -42,4 +43,4 @@ def vid(
             }
             for tap in stages
         ],
-    }
+    )

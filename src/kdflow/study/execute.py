@@ -29,7 +29,8 @@ from kdflow.engine import train
 from kdflow.engine.rundir import read_jsonl
 from kdflow.engine.train import load_data
 from kdflow.flow.errors import RecipeError
-from kdflow.flow.recipe import dump_recipe, resolve
+from kdflow.flow.recipe import dump_recipe
+from kdflow.methods.recipe import resolve
 from kdflow.flow.spec import Recipe
 from kdflow.flow.taps import model_logits
 from kdflow.models import build_model, count_parameters

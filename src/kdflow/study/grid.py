@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from kdflow.flow.errors import RecipeError
-from kdflow.flow.recipe import resolve
+from kdflow.methods.recipe import resolve
+from kdflow.losses.registry import RENAMED
 from kdflow.methods import method_graph
 from kdflow.study.spec import ConditionSpec, DatasetSpec, MethodEntry, PairSpec, StudySpec
 
@@ -36,7 +37,7 @@ class Run:
 
     hash: str
     role: str
-    recipe: dict[str, Any]  # a plain recipe dict; kdflow.flow.resolve(recipe) validates it
+    recipe: dict[str, Any]  # a plain recipe dict; kdflow.methods.recipe.resolve(recipe) validates it
     labels: dict[str, Any]  # dataset, pair, method, condition, seed (pair None: serves every pair with its student)
     fields: dict[str, Any]  # architectures, method name and arguments, corruption levels
     teacher: str | None = None  # hash of the pretrained teacher run this run needs
@@ -69,6 +70,9 @@ def model_key(ref: dict[str, Any]) -> str:
     return json.dumps({"arch": ref["arch"], "args": ref.get("args", {})}, sort_keys=True, separators=(",", ":"))
 
 
+_NAME_IN_HASH = {new: old for old, new in RENAMED.items()}
+
+
 def config_hash(raw: dict[str, Any], teacher_hash: str | None = None) -> str:
     """A digest of what a run computes: its resolved recipe's non-default fields, without name, description,
     data folder and teacher path (the teacher's own hash stands for its checkpoint)."""
@@ -80,6 +84,9 @@ def config_hash(raw: dict[str, Any], teacher_hash: str | None = None) -> str:
     for name, node in d.get("nodes", {}).items():
         if node.get("checkpoint"):
             node["checkpoint"] = f"teacher:{teacher_hash}" if name == "teacher" and teacher_hash else node["checkpoint"]
+    for transfer in d.get("transfers", []):
+        # hashes predate the criteria's renaming to their losses' names: keep stored studies' rows valid
+        transfer["criterion"] = _NAME_IN_HASH.get(transfer.get("criterion"), transfer.get("criterion"))
     text = json.dumps(d, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:HASH_LENGTH]
 

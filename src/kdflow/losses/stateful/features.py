@@ -23,10 +23,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdflow import losses
-from kdflow.flow.connectors import Regressor
-from kdflow.flow.criteria import BuildInfo, register_criterion
+from kdflow.losses import features as feature_losses
 from kdflow.losses.precision import compute_dtype
+from kdflow.losses.registry import BuildInfo, criterion
+from kdflow.losses.stateful.feature_blocks import Paraphraser, ReviewFusion, Translator, VIDLoss
+from kdflow.losses.stateful.feature_blocks import Regressor
+
+__all__: list[str] = []  # the factories are registered criteria; the modules they build are in feature_blocks
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 
@@ -99,10 +102,11 @@ class AB(nn.Module):
         students, teachers = list(students)[-n:], list(teachers)[-n:]
         total = students[0].new_zeros(())
         for conn, w, s, t in zip(self.connectors, self.weights, students, teachers):
-            total = total + w * losses.ab(conn(s), t, self.margin)
+            total = total + w * feature_losses.ab(conn(s), t, self.margin)
         return total
 
 
+@criterion(module=True, same_shape=False, grouped=True)
 def ab(target_shape: list[tuple[int, ...]], source_shape: list[tuple[int, ...]], build: BuildInfo, margin: float = 1.0) -> nn.Module:
     """AB (Heo et al. 2019): the student's stages (pre-ReLU) against the teacher's, paired from the deepest.
 
@@ -148,10 +152,11 @@ class OFD(nn.Module):
             s = conn(s)
             if t.shape[-2:] != s.shape[-2:]:
                 t = F.adaptive_avg_pool2d(t, s.shape[-2:])
-            total = total + w * losses.ofd(s, t, getattr(self, f"margin{k}").to(s.dtype))
+            total = total + w * feature_losses.ofd(s, t, getattr(self, f"margin{k}").to(s.dtype))
         return total
 
 
+@criterion(module=True, same_shape=False, grouped=True)
 def ofd(
     target_shape: list[tuple[int, ...]],
     source_shape: list[tuple[int, ...]],
@@ -162,7 +167,7 @@ def ofd(
 
     `margin_fallback_prob`: a channel whose negative-response probability is at most this gets the
     margin −3σ, as the authors' code and the CIFAR-100 benchmark do (None: the paper's formula
-    everywhere, see `losses.ofd_margin`)."""
+    everywhere, see `kdflow.losses.ofd_margin`)."""
     targets, sources = _as_lists(target_shape, source_shape, "ofd")
     if build.source_model is None or len(build.source_modules) != len(sources) or None in build.source_modules:
         raise ValueError("ofd needs the teacher's module taps (their batch norms give the margins)")
@@ -176,7 +181,7 @@ def ofd(
                 f"ofd: batch norm {bn_name!r} has {bn.num_features} channels{'' if bn.affine else ' and no affine parameters'}, "
                 f"the tapped {module_name!r} has {shape[0]}"
             )
-        margins.append(losses.ofd_margin(bn.weight, bn.bias, fallback_prob=margin_fallback_prob))
+        margins.append(feature_losses.ofd_margin(bn.weight, bn.bias, fallback_prob=margin_fallback_prob))
     return OFD([s[0] for s in targets[-n:]], [s[0] for s in sources[-n:]], margins)
 
 
@@ -191,7 +196,7 @@ class FT(nn.Module):
     ``forward(student, teacher, stage)``: in stage ``paraphrase_stage`` it returns
     ``reconstruction_weight`` × the paraphraser's reconstruction loss on the (detached) teacher
     feature, and only the paraphraser gets a gradient. In every other stage it returns
-    ``losses.factor_transfer`` between translator(F_s) and the paraphraser's factor of F_t, the
+    ``kdflow.losses.factor_transfer`` between translator(F_s) and the paraphraser's factor of F_t, the
     paraphraser in eval mode and without gradient (frozen).
     """
 
@@ -207,8 +212,8 @@ class FT(nn.Module):
         super().__init__()
         if reconstruction_p not in (1, 2):
             raise ValueError("ft: reconstruction_p must be 1 or 2")
-        self.paraphraser = losses.Paraphraser(teacher_channels, rate=rate)
-        self.translator = losses.Translator(student_channels, self.paraphraser.factor_channels)
+        self.paraphraser = Paraphraser(teacher_channels, rate=rate)
+        self.translator = Translator(student_channels, self.paraphraser.factor_channels)
         self.paraphrase_stage = paraphrase_stage
         self.reconstruction_p = reconstruction_p
         self.reconstruction_weight = float(reconstruction_weight)
@@ -229,9 +234,10 @@ class FT(nn.Module):
             return self.reconstruction_weight * recon
         factor_t = self.teacher_factor(teacher)
         factor_s = self.translator(compute_dtype(student))
-        return losses.factor_transfer(factor_s, factor_t)
+        return feature_losses.factor_transfer(factor_s, factor_t)
 
 
+@criterion(module=True, same_shape=False, context=("stage",), stage_params=("paraphrase_stage",))
 def ft(
     target_shape: tuple[int, ...],
     source_shape: tuple[int, ...],
@@ -266,16 +272,17 @@ class ReviewKD(nn.Module):
 
     def __init__(self, student_channels: list[int], teacher_channels: list[int], out_sizes: list[tuple[int, int]], mid_channels: int) -> None:
         super().__init__()
-        self.fusion = losses.ReviewFusion(student_channels, teacher_channels, mid_channels)
+        self.fusion = ReviewFusion(student_channels, teacher_channels, mid_channels)
         self.out_sizes = [tuple(s) for s in out_sizes]
         self.levels = len(student_channels)
 
     def forward(self, students: list[torch.Tensor], teachers: list[torch.Tensor]) -> torch.Tensor:
         n = self.levels
         fused = self.fusion([_as_map(compute_dtype(s)) for s in students[-n:]], self.out_sizes)
-        return losses.hcl(fused, [_as_map(compute_dtype(t)) for t in teachers[-n:]])
+        return feature_losses.hcl(fused, [_as_map(compute_dtype(t)) for t in teachers[-n:]])
 
 
+@criterion(module=True, same_shape=False, grouped=True)
 def reviewkd(
     target_shape: list[tuple[int, ...]],
     source_shape: list[tuple[int, ...]],
@@ -301,7 +308,14 @@ def reviewkd(
     return ReviewKD(s_channels, t_channels, sizes, mid)
 
 
-register_criterion("ab", ab, module=True, same_shape=False, grouped=True)
-register_criterion("ofd", ofd, module=True, same_shape=False, grouped=True)
-register_criterion("ft", ft, module=True, same_shape=False, context=("stage",), stage_params=("paraphrase_stage",))
-register_criterion("reviewkd", reviewkd, module=True, same_shape=False, grouped=True)
+# ---------------------------------------------------------------------------------------
+# VID
+# ---------------------------------------------------------------------------------------
+
+
+@criterion(module=True, same_shape=False)
+def vid(target_shape: tuple[int, ...], source_shape: tuple[int, ...], build: BuildInfo, init_variance: float = 5.0, eps: float = 1e-5) -> nn.Module:
+    """VID (Ahn et al. 2019): a Gaussian with a learned mean regressor and learned per-channel variance."""
+    if len(target_shape) != 3 or len(source_shape) != 3:
+        raise ValueError(f"vid taps feature maps C×H×W, got {target_shape} and {source_shape}")
+    return VIDLoss(target_shape[0], source_shape[0], init_variance=init_variance, eps=eps)

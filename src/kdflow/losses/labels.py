@@ -1,37 +1,24 @@
-"""Losses against the labels that a trainable node can be supervised with."""
+"""Losses against the labels that a trainable node can be supervised with (`supervise:`); the others are
+`label_smoothing` and `tfkd_reg`, registered where they are defined in `kdflow.losses.logits`."""
 from __future__ import annotations
-
-import inspect
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from kdflow import losses
+from kdflow.losses.logits import tfkd_reg, tfkd_reg_released
 from kdflow.losses.precision import compute_dtype
+from kdflow.losses.registry import supervision
+
+__all__ = ["ce", "tfkd_reg_ce"]
 
 
-@dataclass(frozen=True)
-class SupervisionLoss:
-    name: str
-    fn: Callable[..., torch.Tensor]  # fn(logits, labels, **params)
-    params: tuple[str, ...]
-
-
-SUPERVISION: dict[str, SupervisionLoss] = {}
-
-
-def register_supervision(name: str, fn: Callable[..., torch.Tensor]) -> None:
-    params = tuple(inspect.signature(fn).parameters)[2:]
-    SUPERVISION[name] = SupervisionLoss(name, fn, params)
-
-
+@supervision()
 def ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy, mean over the batch (in float64 for float64 logits, else in float32)."""
     return F.cross_entropy(compute_dtype(logits), target)
 
 
+@supervision()
 def tfkd_reg_ce(
     student_logits: torch.Tensor,
     target: torch.Tensor,
@@ -45,15 +32,9 @@ def tfkd_reg_ce(
     `losses.tfkd_reg`(z, y, a, τ) for ``form="paper"`` and `losses.tfkd_reg_released`(z, y, a, τ,
     multiplier) — the authors' released loss — for ``form="released"``."""
     if form == "paper":
-        reg = losses.tfkd_reg(student_logits, target, correct_prob, temperature)
+        reg = tfkd_reg(student_logits, target, correct_prob, temperature)
     elif form == "released":
-        reg = losses.tfkd_reg_released(student_logits, target, correct_prob, temperature, multiplier)
+        reg = tfkd_reg_released(student_logits, target, correct_prob, temperature, multiplier)
     else:
         raise ValueError(f"tfkd_reg_ce: form must be 'paper' or 'released', not {form!r}")
     return (1.0 - alpha) * ce(student_logits, target) + alpha * reg
-
-
-register_supervision("ce", ce)
-register_supervision("tfkd_reg_ce", tfkd_reg_ce)
-register_supervision("label_smoothing", losses.label_smoothing)
-register_supervision("tfkd_reg", losses.tfkd_reg)

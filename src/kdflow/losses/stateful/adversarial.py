@@ -55,8 +55,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from kdflow import losses
-from kdflow.flow.criteria import BuildInfo, register_criterion
+from kdflow.losses.logits import kd
+from kdflow.losses.registry import BuildInfo, criterion
+
+__all__ = ["BSSLoss"]
 
 #: Added to the margin so a sample lands just past the decision boundary (the paper's ε; 1e-4 in the code).
 MARGIN_EPS = 1e-4
@@ -198,7 +200,7 @@ class BSSLoss(nn.Module):
     ) -> torch.Tensor:
         teacher, student = self._models
         w_clean, w_adv = bss_weights(epoch, epochs)
-        loss = w_clean * losses.kd(student_logits, teacher_logits, self.temperature)
+        loss = w_clean * kd(student_logits, teacher_logits, self.temperature)
         self.last = None
         if w_adv <= 0 or self.attack_size == 0:
             return loss
@@ -217,9 +219,10 @@ class BSSLoss(nn.Module):
             teacher.train(was_training)
         student_adv = student(adv)
         self.last = BSSRecord(idx, base, target_class, x[idx].detach(), adv)
-        return loss + w_adv * losses.kd(student_adv, teacher_adv, self.temperature)
+        return loss + w_adv * kd(student_adv, teacher_adv, self.temperature)
 
 
+@criterion(module=True, context=("x", "target", "epoch", "epochs"))
 def bss(
     target_shape: tuple[int, ...],
     source_shape: tuple[int, ...],
@@ -236,6 +239,3 @@ def bss(
     if build.source_module is not None or build.target_module is not None or len(target_shape) != 1:
         raise ValueError("bss compares logits: tap `logits` on both sides")
     return BSSLoss(build.source_model, build.target_model, temperature, attack_size, attack_steps, step_size, max_norm)
-
-
-register_criterion("bss", bss, module=True, context=("x", "target", "epoch", "epochs"))

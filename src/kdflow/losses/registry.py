@@ -1,5 +1,10 @@
 """The criterion registry: the losses a transfer can name, and what each needs.
 
+A loss becomes a criterion where it is defined, under its own name: ``@criterion()`` above a
+plain loss in `kdflow.losses.logits` (and the other family files), or above a module factory in
+`kdflow.losses.stateful`. Importing `kdflow.losses` imports every one of those files, so the
+registry is full whenever the losses are loaded; nothing else lists them.
+
 A plain criterion is called as ``fn(target_tap, source_tap, **params, **context)``: the
 student side first, the same order as the public losses in `kdflow.losses`. Context values
 are passed only to criteria whose signature names them:
@@ -100,3 +105,50 @@ def register_criterion(
         raise ValueError(f"criterion {name!r}: stage_params {sorted(unknown_stage)} are not among its parameters")
     CRITERIA[name] = Criterion(name, fn, same_shape, module, grouped, params, context, tuple(stage_params))
     return CRITERIA[name]
+
+
+def criterion(
+    name: str | None = None,
+    *,
+    same_shape: bool = True,
+    module: bool = False,
+    grouped: bool = False,
+    context: tuple[str, ...] = (),
+    stage_params: tuple[str, ...] = (),
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator form of `register_criterion`: the criterion takes the function's name unless `name` is given."""
+
+    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        register_criterion(
+            name or fn.__name__, fn, same_shape=same_shape, module=module, grouped=grouped, context=context, stage_params=stage_params
+        )
+        return fn
+
+    return register
+
+
+@dataclass(frozen=True)
+class SupervisionLoss:
+    """A loss against the labels that a trainable node can be supervised with (`supervise: {node: {loss: NAME}}`)."""
+
+    name: str
+    fn: Callable[..., torch.Tensor]  # fn(logits, labels, **params)
+    params: tuple[str, ...]
+
+
+SUPERVISION: dict[str, SupervisionLoss] = {}
+
+
+def supervision(name: str | None = None) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+    """Register `fn(logits, labels, **params)` as a supervision loss, under its own name unless `name` is given."""
+
+    def register(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        key = name or fn.__name__
+        SUPERVISION[key] = SupervisionLoss(key, fn, tuple(inspect.signature(fn).parameters)[2:])
+        return fn
+
+    return register
+
+
+# criteria renamed to their loss's name; a recipe that still says the old one gets a one-line error naming the new
+RENAMED = {"kl": "kd", "hint_mse": "hint", "annealing_mse": "annealing_kd"}

@@ -8,8 +8,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from kdflow import losses
-from kdflow.flow.criteria import BuildInfo, register_criterion
+from kdflow.losses import relations as relation_losses
+from kdflow.losses.registry import BuildInfo, criterion
+from kdflow.losses.stateful.contrastive import CRDLoss
+
+__all__: list[str] = []  # the factories are registered criteria; CRDLoss is in contrastive.py
 
 
 def _flat_dim(shape: tuple[int, ...]) -> int:
@@ -19,15 +22,8 @@ def _flat_dim(shape: tuple[int, ...]) -> int:
     return n
 
 
-def vid(target_shape: tuple[int, ...], source_shape: tuple[int, ...], build: BuildInfo, init_variance: float = 5.0, eps: float = 1e-5) -> nn.Module:
-    """VID (Ahn et al. 2019): a Gaussian with a learned mean regressor and learned per-channel variance."""
-    if len(target_shape) != 3 or len(source_shape) != 3:
-        raise ValueError(f"vid taps feature maps C×H×W, got {target_shape} and {source_shape}")
-    return losses.VIDLoss(target_shape[0], source_shape[0], init_variance=init_variance, eps=eps)
-
-
 class _CRD(nn.Module):
-    def __init__(self, crd: losses.CRDLoss) -> None:
+    def __init__(self, crd: CRDLoss) -> None:
         super().__init__()
         self.crd = crd
 
@@ -37,6 +33,7 @@ class _CRD(nn.Module):
         return self.crd(student.flatten(1), teacher.flatten(1), indices)
 
 
+@criterion(module=True, same_shape=False, context=("indices",))
 def crd(
     target_shape: tuple[int, ...],
     source_shape: tuple[int, ...],
@@ -56,7 +53,7 @@ def crd(
     if build.num_data < 1:
         raise ValueError("crd needs the size of the training set")
     return _CRD(
-        losses.CRDLoss(
+        CRDLoss(
             _flat_dim(target_shape), _flat_dim(source_shape), build.num_data, feat_dim, num_negatives, temperature, momentum,
             train_labels=build.train_labels, mode=mode, form=form,
         )
@@ -73,10 +70,11 @@ class _CC(nn.Module):
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         e_s, e_t = self.embed_s(student.flatten(1)), self.embed_t(teacher.flatten(1))
         if self.form == "rbf":
-            return losses.cc(e_s, e_t, self.gamma, self.order)
-        return losses.cc_benchmark(e_s, e_t)
+            return relation_losses.cc(e_s, e_t, self.gamma, self.order)
+        return relation_losses.cc_benchmark(e_s, e_t)
 
 
+@criterion(module=True, same_shape=False)
 def cc(
     target_shape: tuple[int, ...],
     source_shape: tuple[int, ...],
@@ -87,13 +85,8 @@ def cc(
     order: int = 2,
 ) -> nn.Module:
     """CC (Peng et al. 2019) on linear `embed_dim`-d embeddings of both sides (both trained): `form`
-    ``benchmark`` is `losses.cc_benchmark` (the CIFAR-100 benchmark's loss), ``rbf`` the paper's
-    Taylor-expanded RBF correlation congruence `losses.cc` (`gamma`, `order`)."""
+    ``benchmark`` is `relation_losses.cc_benchmark` (the CIFAR-100 benchmark's loss), ``rbf`` the paper's
+    Taylor-expanded RBF correlation congruence `relation_losses.cc` (`gamma`, `order`)."""
     if form not in ("benchmark", "rbf"):
         raise ValueError(f"form must be 'benchmark' or 'rbf', not {form!r}")
     return _CC(_flat_dim(target_shape), _flat_dim(source_shape), embed_dim, form, gamma, order)
-
-
-register_criterion("vid", vid, module=True, same_shape=False)
-register_criterion("crd", crd, module=True, same_shape=False, context=("indices",))
-register_criterion("cc", cc, module=True, same_shape=False)

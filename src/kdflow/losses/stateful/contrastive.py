@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+__all__ = ["CRDLoss"]
+
 CRD_MODES = ("exact", "relax", "uniform")
 CRD_FORMS = ("auto", "matmul", "gather")
 

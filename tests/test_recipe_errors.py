@@ -113,3 +113,22 @@ def test_yaml_file_overrides_and_cli_exit_code(kd_raw: dict, tmp_path: Path, cap
     assert code == 2 and err.strip().count("\n") == 0
     assert err.startswith(f"error: {path}: train.epohcs: unknown field")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_renamed_criterion_is_refused_in_one_line_naming_the_new_name() -> None:
+    """kl, hint_mse and annealing_mse were renamed after their losses (kd, hint, annealing_kd)."""
+    raw = {"data": {"name": "external"}, "nodes": {"teacher": {"arch": "mlp", "checkpoint": "memory:"}, "student": {"arch": "mlp"}},
+           "transfers": [{"from": "teacher.logits", "to": "student.logits", "criterion": "kl"}]}
+    with pytest.raises(RecipeError, match=r"^recipe: transfers\.0: criterion 'kl' is now called 'kd' \(the name of its loss\)$"):
+        resolve(raw)
+
+
+def test_study_hashes_did_not_change_with_the_criterion_names() -> None:
+    """A run's hash names its results in a study's store: the rename keeps the hash it had before it
+    (dabea81bab4d, computed by config_hash at commit 0eb30ad, when the criterion was still called 'kl')."""
+    from kdflow.study.grid import config_hash
+
+    raw = {"seed": 0, "data": {"name": "synthetic", "options": {"num_samples": 64, "num_classes": 4, "shape": [1, 8, 8]}},
+           "nodes": {"teacher": {"arch": "convnet_s", "checkpoint": "t.pt"}, "student": {"arch": "mlp"}},
+           "method": {"name": "kd"}, "train": {"epochs": 1}}
+    assert config_hash(raw, "abc") == "dabea81bab4d"

@@ -28,7 +28,7 @@ PAIRS = ["resnet32x4-resnet8x4", "vgg13-MobileNetV2"]
 ROWS = [("KD", "kd"), ("FitNet", "fitnet"), ("AT", "at"), ("SP", "sp"), ("CC", "cc"), ("VID", "vid"),
         ("RKD", "rkd"), ("PKT", "pkt"), ("AB", "ab"), ("FT", "ft"), ("FSP", "fsp"), ("NST", "nst"),
         ("CRD", "crd"), ("OFD", "ofd"), ("ReviewKD", "reviewkd"), ("DKD", "dkd"), ("DIST", "dist"),
-        ("KD+LS", "kd+ls"), ("DKD+LS", "dkd+ls"), ("NKD", "nkd"), ("WTTM", "wttm")]
+        ("KD+LS", "kd+ls"), ("DKD+LS", "dkd+ls"), ("NKD", "nkd"), ("WTTM", "wttm"), ("CTKD", "ctkd")]
 FEATURES = {"fitnet", "vid", "ab", "ft", "fsp", "ofd"}  # tests/test_parity_features.py: per-stage values
 
 

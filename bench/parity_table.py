@@ -28,7 +28,7 @@ PAIRS = ["resnet32x4-resnet8x4", "vgg13-MobileNetV2"]
 ROWS = [("KD", "kd"), ("FitNet", "fitnet"), ("AT", "at"), ("SP", "sp"), ("CC", "cc"), ("VID", "vid"),
         ("RKD", "rkd"), ("PKT", "pkt"), ("AB", "ab"), ("FT", "ft"), ("FSP", "fsp"), ("NST", "nst"),
         ("CRD", "crd"), ("OFD", "ofd"), ("ReviewKD", "reviewkd"), ("DKD", "dkd"), ("DIST", "dist"),
-        ("KD+LS", "kd+ls"), ("DKD+LS", "dkd+ls"), ("NKD", "nkd"), ("WTTM", "wttm"), ("CTKD", "ctkd")]
+        ("KD+LS", "kd+ls"), ("DKD+LS", "dkd+ls"), ("NKD", "nkd"), ("WTTM", "wttm"), ("CTKD", "ctkd"), ("DOT", "dot")]
 FEATURES = {"fitnet", "vid", "ab", "ft", "fsp", "ofd"}  # tests/test_parity_features.py: per-stage values
 
 
@@ -61,6 +61,31 @@ def cases(name: str, pair: str, tmp: Path) -> list[tuple[str, float, float, floa
             class_contrast(labels, batch.index, crd["inputs"]["nce_k"], mode, crd["inputs"]["contrast_seed"]))
         loss, norm, _ = loss_and_grad_norm(flow, batch)
         return [("one step", loss, want["loss"], norm, want["grad_norm"])]
+    if name == "dot":  # tests/test_parity_dot.py: three optimizer steps; the second number is the displacement
+        import math
+
+        import torch
+
+        from kdflow.engine.dot import backward_and_step, split_loss, supervised_labels
+        from kdflow.engine.train import make_optimizers
+
+        want = values[pair]
+        flow = build_flow("dot", pair, tmp, seed=want["model_seed"])
+        stage = flow.stages[-1]
+        flow.set_stage_modes(stage)
+        optimizers, labels = make_optimizers(flow, flow.recipe, stage), supervised_labels(flow.recipe, stage)
+        student = flow.models["student"]
+        start = {n: p.detach().clone() for n, p in student.named_parameters()}
+        for k, step in zip(want["batch_seeds"], want["steps"]):
+            b = fixed_batch(want["batch_size"], k)
+            res = flow(b.x, b.y, stage, 0, b.index)
+            loss = sum(t.item() for t in split_loss(res, labels))
+            backward_and_step(res, labels, optimizers)
+            with torch.no_grad():
+                moved = math.sqrt(sum(float((p - start[n]).norm()) ** 2 for n, p in student.named_parameters()))
+            ref_moved = math.sqrt(sum(v ** 2 for v in step["displacement_norm"].values()))
+            out.append((f"step {k + 1}", loss, step["loss_ce"] + step["loss_kd"], moved, ref_moved))
+        return out
     batch = fixed_batch(inputs["batch_size"], inputs["seed"])
     if name == "reviewkd":
         todo = [(f"epoch {inputs['epoch']}", inputs["epoch"], values[pair])]

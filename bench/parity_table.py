@@ -28,7 +28,7 @@ PAIRS = ["resnet32x4-resnet8x4", "vgg13-MobileNetV2"]
 ROWS = [("KD", "kd"), ("FitNet", "fitnet"), ("AT", "at"), ("SP", "sp"), ("CC", "cc"), ("VID", "vid"),
         ("RKD", "rkd"), ("PKT", "pkt"), ("AB", "ab"), ("FT", "ft"), ("FSP", "fsp"), ("NST", "nst"),
         ("CRD", "crd"), ("OFD", "ofd"), ("ReviewKD", "reviewkd"), ("DKD", "dkd"), ("DIST", "dist"),
-        ("KD+LS", "kd+ls"), ("DKD+LS", "dkd+ls"), ("NKD", "nkd"), ("WTTM", "wttm"), ("CTKD", "ctkd"), ("DOT", "dot")]
+        ("KD+LS", "kd+ls"), ("DKD+LS", "dkd+ls"), ("NKD", "nkd"), ("WTTM", "wttm"), ("CTKD", "ctkd"), ("CAT-KD", "catkd"), ("DOT", "dot")]
 FEATURES = {"fitnet", "vid", "ab", "ft", "fsp", "ofd"}  # tests/test_parity_features.py: per-stage values
 
 
@@ -87,6 +87,11 @@ def cases(name: str, pair: str, tmp: Path) -> list[tuple[str, float, float, floa
             out.append((f"step {k + 1}", loss, step["loss_ce"] + step["loss_kd"], moved, ref_moved))
         return out
     batch = fixed_batch(inputs["batch_size"], inputs["seed"])
+    if name == "catkd":  # tests/test_parity_catkd.py: the student's classifier bias is 0 and left out of the norm
+        from test_parity_catkd import loss_and_grad_norm as catkd_step
+        loss, norm, _ = catkd_step(pair, tmp)
+        want = values[pair]
+        return [(f"epoch {inputs['epoch']}", loss, want["loss"], norm, want["grad_norm"])]
     if name == "reviewkd":
         todo = [(f"epoch {inputs['epoch']}", inputs["epoch"], values[pair])]
         todo += [(f"epoch {v['epoch']}", v["epoch"], v["values"][pair]) for v in fx["variants"].values() if pair in v["values"]]

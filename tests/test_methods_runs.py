@@ -16,7 +16,8 @@ SCHEMES = {"slkd", "dml", "takd", "dgkd", "born_again", "eskd", "multi_teacher"}
 # convnet_m has 3 stages, convnet_s 2: VID's and FSP's all_stages cannot pair them, so their stages are named
 ARGS = {"crd": {"num_negatives": 256}, "bss": {"attack_size": 16}, "fsp": {"init_epochs": 3, "taps": ["stem", "stage1", "stage2"]},
         "ab": {"init_epochs": 3}, "vid": {"stages": ["stage1", "stage2"]},
-        "ft": {"paraphrase_epochs": 3}, "annealing_kd": {"anneal_epochs": 3, "finetune_epochs": 3}}
+        "ft": {"paraphrase_epochs": 3}, "annealing_kd": {"anneal_epochs": 3, "finetune_epochs": 3},
+        "catkd": {"teacher_tap": "pool:input", "student_tap": "pool:input"}}  # the small ConvNets' global pool is `pool`
 
 
 def data() -> dict:
